@@ -1,0 +1,1 @@
+"""Continual-learning bookkeeping: accuracy matrix and forgetting metrics."""

@@ -1,0 +1,1 @@
+"""Reinforcement fine-tuning: rewards, GRPO math, rollout-based instance filtering."""

@@ -1,0 +1,117 @@
+"""Building blocks shared by the vision tower and the decoder: params, Linear, RMSNorm, attention.
+
+Every parameter carries logical axis names (cpt_jax.sharding maps them to mesh axes). Compute
+runs in `dtype`; normalisation statistics, rotary angles and softmax run in float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STDDEV = 0.02  # initializer_range of the reference configs
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], *,
+          init: str, dtype) -> nnx.Param:
+  """A parameter initialised with 'normal' (std 0.02), 'zeros' or 'ones'."""
+  shape = tuple(shape)
+  if init == "normal":
+    value = INIT_STDDEV * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(value, out_sharding=tuple(names))
+
+
+class Linear(nnx.Module):
+  """y = x . W (+ b), W [*in_shape, *out_shape]: multi-axis in/out keeps heads explicit."""
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Sequence[str | None],
+               *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    self.kernel = param(rngs, in_shape + out_shape, names, init="normal", dtype=param_dtype)
+    self.bias = (param(rngs, out_shape, names[self.n_in:], init="zeros", dtype=param_dtype)
+                 if bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(None, (dim,), ("norm",), init="ones", dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def activation(name: str):
+  return {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
+
+
+class GatedMLP(nnx.Module):
+  """down(act(gate(x)) * up(x)); bias on all three in the vision tower, none in the decoder."""
+
+  def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear((dim,), (hidden,), ("embed", "mlp"), **kw)
+    self.up_proj = Linear((dim,), (hidden,), ("embed", "mlp"), **kw)
+    self.down_proj = Linear((hidden,), (dim,), ("mlp", "embed"), **kw)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              kv_lengths: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+  """Softmax attention with grouped KV heads.
+
+  q [B, S, N, D], k/v [B, T, K, D] with N a multiple of K; `mask` [B, S, T] (True = attend)
+  and/or `kv_lengths` [B] (keys at t >= length are ignored). Returns [B, S, N, D].
+  """
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None else mask[:, None],
+        key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
+        implementation="cudnn")
+  b, s, n, d = q.shape
+  t, kv_heads = k.shape[1], k.shape[2]
+  q = q.reshape(b, s, kv_heads, n // kv_heads, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+  scores = scores * d**-0.5
+  if kv_lengths is not None:
+    valid = jnp.arange(t)[None, :] < kv_lengths[:, None]  # [B, T]
+    mask = valid[:, None, :] if mask is None else mask & valid[:, None, :]
+  if mask is not None:
+    # A finite fill keeps rows without any visible key (padding queries) NaN-free.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, n, d)
+
+
+def remat_policy(name: str):
+  return {"full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+

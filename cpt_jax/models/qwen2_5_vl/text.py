@@ -1,0 +1,143 @@
+"""Qwen2 decoder with M-RoPE and a fixed-size KV cache.
+
+Layers: RMSNorm -> GQA attention (bias on q/k/v only) -> residual -> RMSNorm -> SwiGLU -> residual.
+The cache has static shapes: every layer keeps k/v [B, T, K, D] for T = max_len slots, and a
+chunk of S tokens is written at slot `index` with dynamic_update_slice. A query attends to the
+slots that hold real tokens (`mask`) up to its own slot, so prefill, chunked prefill and one-token
+decoding are the same computation.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cpt_jax import sharding
+from cpt_jax.models.qwen2_5_vl import layers, rope
+from cpt_jax.models.qwen2_5_vl.config import TextConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: tuple[jax.Array, ...]  # per layer [B, T, K, D]
+  v: tuple[jax.Array, ...]  # per layer [B, T, K, D]
+  mask: jax.Array  # [B, T] int32: 1 where a slot holds a real (non-padding) token
+  index: jax.Array  # [] int32: next slot to write
+  positions: jax.Array  # [B] int32: M-RoPE text position of the next generated token
+
+  @property
+  def max_len(self) -> int:
+    return self.mask.shape[1]
+
+
+def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                 mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
+                 positions=jnp.zeros((batch,), jnp.int32))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str):
+    d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = layers.Linear((d,), (h, hd), ("embed", "heads", "head_dim"), bias=True, **kw)
+    self.k_proj = layers.Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), bias=True, **kw)
+    self.v_proj = layers.Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), bias=True, **kw)
+    self.o_proj = layers.Linear((h, hd), (d,), ("heads", "head_dim", "embed"), bias=False, **kw)
+    self.impl = impl
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    """x [B, S, D]; mask [B, S, T]; kv: this layer's cache (k, v) or None (T = S)."""
+    q = rope.rotate(self.q_proj(x), cos, sin)  # [B, S, H, hd]
+    k = rope.rotate(self.k_proj(x), cos, sin)  # [B, S, K, hd]
+    v = self.v_proj(x)
+    if kv is not None:
+      k_cache, v_cache = kv
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      kv_names = ("batch", "length", "kv_heads", "head_dim")
+      k, v = sharding.constrain(k, kv_names), sharding.constrain(v, kv_names)
+      kv = (k, v)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    out = layers.attention(q, k, v, mask=mask, impl=self.impl)
+    return self.o_proj(out), kv
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.input_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.self_attn = Attention(config, rngs=rngs, impl=impl, **kw)
+    self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.mlp = layers.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                               bias=False, rngs=rngs, **kw)
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return sharding.constrain(x, ("batch", "length", "embed")), kv
+
+
+class Decoder(nnx.Module):
+  """Token embedding, decoder layers and final norm (the `model.*` / `language_model.*` part)."""
+
+  def __init__(self, config: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs, impl: str = "xla", remat: str = "none"):
+    self.config = config
+    self.dtype = dtype
+    self.embed_tokens = layers.param(rngs, (config.vocab_size, config.hidden_size),
+                                     ("vocab", "embed"), init="normal", dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=impl)
+    self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+    self.norm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
+                               param_dtype=param_dtype)
+    self.remat = remat
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, S] ids -> [B, S, D] embeddings."""
+    return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+  def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, S, D] embeddings, position_ids [3, B, S], attention_mask [B, S] (1 = real token).
+
+    Without a cache, attention is causal over the S inputs. With a cache, the S tokens are
+    written at slots [index, index + S) and attend to every earlier real slot.
+    Returns the final-norm hidden states [B, S, D] and the updated cache (or None).
+    """
+    cfg = self.config
+    s = x.shape[1]
+    cos, sin = rope.mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    real = attention_mask.astype(bool)
+    if cache is None:
+      causal = jnp.tril(jnp.ones((s, s), bool))
+      mask = causal[None] & real[:, None, :]  # [B, S, S]
+    else:
+      slot_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask.astype(jnp.int32),
+                                               (0, cache.index))
+      query_slot = cache.index + jnp.arange(s)  # [S]
+      causal = jnp.arange(cache.max_len)[None, :] <= query_slot[:, None]  # [S, T]
+      mask = causal[None] & slot_mask.astype(bool)[:, None, :]  # [B, S, T]
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      if cache is not None:
+        x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache.index)
+        new_k.append(k)
+        new_v.append(v)
+      elif self.remat != "none":
+        x, _ = nnx.remat(lambda lyr, *a: lyr(*a), policy=layers.remat_policy(self.remat))(
+            layer, x, cos, sin, mask)
+      else:
+        x, _ = layer(x, cos, sin, mask)
+    x = self.norm(x)
+    if cache is not None:
+      cache = cache.replace(k=tuple(new_k), v=tuple(new_v), mask=slot_mask,
+                            index=cache.index + s)
+    return x, cache

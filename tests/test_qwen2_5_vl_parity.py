@@ -1,0 +1,83 @@
+"""Logits of the Flax Qwen2.5-VL equal Hugging Face's on tiny random checkpoints (float32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from cpt_jax.models import load_pretrained, prepare_inputs
+import hf_fixtures
+
+TOL = 1e-4
+
+
+@nnx.jit
+def _forward(model, input_ids, attention_mask, pixel_values, position_ids, vision_inputs):
+  return model(input_ids, attention_mask, pixel_values, position_ids=position_ids,
+               vision_inputs=vision_inputs)
+
+
+def _check_parity(ckpt, model, rows, grids=None, side="left"):
+  input_ids, mask = hf_fixtures.pad_batch(rows, pad_id=0, side=side)
+  pixels = None if grids is None else hf_fixtures.random_pixels(grids)
+  grids = None if grids is None else np.asarray(grids)
+  extra = prepare_inputs(model.config, input_ids, mask, grids)
+  ours = np.asarray(_forward(model, input_ids, mask, pixels, extra["position_ids"],
+                             extra["vision_inputs"]))
+  theirs = hf_fixtures.hf_logits(ckpt, input_ids, mask, pixels, grids)
+  real = mask.astype(bool)  # logits at padding positions are meaningless in both
+  assert ours.shape == theirs.shape
+  diff = np.abs(ours[real] - theirs[real]).max()
+  assert diff <= TOL, f"max |logits - HF| = {diff}"
+  assert np.abs(theirs[real]).max() > 1.0  # the comparison is not between near-zero numbers
+
+
+# Vision depth 2, full attention in block 1 only, 4 x 4 merged-token windows, untied head.
+@pytest.fixture(scope="module")
+def window_ckpt(tmp_path_factory):
+  return hf_fixtures.checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def window_model(window_ckpt):
+  return load_pretrained(window_ckpt.path)
+
+
+# Vision depth 3, full attention in blocks 0 and 2, 2 x 2 merged-token windows, tied head.
+@pytest.fixture(scope="module")
+def fullatt_ckpt(tmp_path_factory):
+  return hf_fixtures.checkpoint(tmp_path_factory, vision_depth=3, fullatt_block_indexes=(0, 2),
+                                window_size=56, tie_word_embeddings=True, seed=1)
+
+
+def test_text_only(window_ckpt, window_model):
+  ids = hf_fixtures.prompt_ids(window_ckpt, ["How many red spheres are there?"])
+  _check_parity(window_ckpt, window_model, [ids])
+
+
+def test_one_image(window_ckpt, window_model):
+  ids = hf_fixtures.prompt_ids(window_ckpt, [(1, 8, 8), "What color is the cube?"])
+  _check_parity(window_ckpt, window_model, [ids], grids=[(1, 8, 8)])
+
+
+def test_two_images_of_different_sizes_with_partial_windows(window_ckpt, window_model):
+  # The second image has 6 x 10 merged tokens in 4 x 4 windows: windows of 4x4, 4x2, 2x4, 2x2.
+  grids = [(1, 4, 8), (1, 12, 20)]
+  ids = hf_fixtures.prompt_ids(window_ckpt, ["Compare", grids[0], "and", grids[1], "now."])
+  _check_parity(window_ckpt, window_model, [ids], grids=grids)
+
+
+def test_padded_batch_of_two(window_ckpt, window_model):
+  grids = [(1, 4, 8), (1, 8, 4)]
+  rows = [hf_fixtures.prompt_ids(window_ckpt, [grids[0], "What color?"]),
+          hf_fixtures.prompt_ids(window_ckpt, ["How many red spheres are there in the picture?",
+                                               grids[1]])]
+  _check_parity(window_ckpt, window_model, rows, grids=grids, side="left")
+
+
+def test_several_full_attention_blocks_and_tied_head(fullatt_ckpt):
+  model = load_pretrained(fullatt_ckpt.path)
+  assert model.config.tie_word_embeddings and model.lm_head is None
+  grids = [(1, 6, 10), (1, 4, 4)]
+  ids = hf_fixtures.prompt_ids(fullatt_ckpt, [grids[0], "and", grids[1], "What color?"])
+  _check_parity(fullatt_ckpt, model, [ids], grids=grids)

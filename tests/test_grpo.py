@@ -31,28 +31,23 @@ LOGP = OLD_LOGP + np.log(RATIOS)
 NO_KL = GRPOConfig(n=2, use_kl=False)
 
 
-# Jitted once per config: one compile instead of one per eager op.
-_jit_loss = jax.jit(grpo.policy_loss, static_argnames="cfg")
-_jit_grad = jax.jit(jax.grad(lambda *args, cfg: grpo.policy_loss(*args, cfg)[0]),
-                    static_argnames="cfg")
+# One compile per config gives loss, metrics and gradient w.r.t. logp.
+_value_and_grad = jax.jit(
+    jax.value_and_grad(lambda *args, cfg: grpo.policy_loss(*args, cfg), has_aux=True),
+    static_argnames="cfg")
 
 
-def _args(logp, ref_logp):
-  return (jnp.asarray(logp, jnp.float32), jnp.asarray(OLD_LOGP, jnp.float32),
+def _loss(cfg, ref_logp=None):
+  """(loss, metrics, d loss / d logp) at LOGP."""
+  args = (jnp.asarray(LOGP, jnp.float32), jnp.asarray(OLD_LOGP, jnp.float32),
           None if ref_logp is None else jnp.asarray(ref_logp, jnp.float32),
           jnp.asarray(ADVANTAGES, jnp.float32), jnp.asarray(MASK))
-
-
-def _loss(cfg, logp=LOGP, ref_logp=None):
-  return _jit_loss(*_args(logp, ref_logp), cfg=cfg)
-
-
-def _grad(cfg, ref_logp=None):
-  return np.asarray(_jit_grad(*_args(LOGP, ref_logp), cfg=cfg))
+  (loss, metrics), grad = _value_and_grad(*args, cfg=cfg)
+  return loss, metrics, np.asarray(grad)
 
 
 def test_token_mean_loss_metrics_and_gradient_by_hand():
-  loss, metrics = _loss(NO_KL)
+  loss, metrics, grad = _loss(NO_KL)
   np.testing.assert_allclose(loss, 0.25 / 11, rtol=1e-5)
   np.testing.assert_allclose(metrics["pg_loss"], 0.25 / 11, rtol=1e-5)
   np.testing.assert_allclose(metrics["clip_frac"], 2 / 11, rtol=1e-6)  # rows 0 and 1, token 1/0
@@ -60,18 +55,18 @@ def test_token_mean_loss_metrics_and_gradient_by_hand():
   np.testing.assert_allclose(metrics["ratio_mean"], 23.55 / 11, rtol=1e-5)
   np.testing.assert_allclose(metrics["ppo_kl"], -np.log(RATIOS)[MASK == 1].mean(), rtol=1e-5)
   assert float(metrics["kl"]) == 0.0
-  np.testing.assert_allclose(_grad(NO_KL), TOKEN_GRAD / 11, atol=1e-6)
+  np.testing.assert_allclose(grad, TOKEN_GRAD / 11, atol=1e-6)
 
 
 def test_without_dual_clip_negative_advantages_are_unbounded():
   cfg = dataclasses.replace(NO_KL, dual_clip=None)
-  loss, metrics = _loss(cfg)
+  loss, metrics, grad = _loss(cfg)
   # Tokens (1, 2) and (3, 2) now keep -A rho: 4.0 and 5.0 instead of 3.0 and 1.5.
   np.testing.assert_allclose(loss, (0.25 + 1.0 + 3.5) / 11, rtol=1e-5)
   assert float(metrics["dual_clip_frac"]) == 0.0
-  grad = TOKEN_GRAD.copy()
-  grad[1, 2], grad[3, 2] = 4.0, 5.0
-  np.testing.assert_allclose(_grad(cfg), grad / 11, atol=1e-5)
+  expected = TOKEN_GRAD.copy()
+  expected[1, 2], expected[3, 2] = 4.0, 5.0
+  np.testing.assert_allclose(grad, expected / 11, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode,expected", [
@@ -99,19 +94,17 @@ def test_kl_term_adds_beta_times_k3_and_its_gradient():
   ref_logp = LOGP + d  # d = log pi_ref - log pi
   k3 = np.exp(d) - d - 1
   kl = k3[MASK == 1].mean()
-  loss, metrics = _loss(cfg, ref_logp=ref_logp)
+  loss, metrics, grad = _loss(cfg, ref_logp=ref_logp)
   np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-5)
   np.testing.assert_allclose(loss, 0.25 / 11 + 0.01 * kl, rtol=1e-5)
   # d k3 / d log pi = 1 - exp(d).
-  expected = (TOKEN_GRAD + 0.01 * (1 - np.exp(d)) * MASK) / 11
-  np.testing.assert_allclose(_grad(cfg, ref_logp), expected, atol=1e-6)
+  np.testing.assert_allclose(grad, (TOKEN_GRAD + 0.01 * (1 - np.exp(d)) * MASK) / 11, atol=1e-6)
   # KL off (ablation): the same KL is logged but adds no loss and no gradient.
-  off_loss, off_metrics = _loss(NO_KL, ref_logp=ref_logp)
-  np.testing.assert_allclose(off_loss, 0.25 / 11, rtol=1e-5)
-  np.testing.assert_allclose(off_metrics["kl"], kl, rtol=1e-5)
-  np.testing.assert_allclose(_grad(NO_KL, ref_logp), TOKEN_GRAD / 11, atol=1e-6)
-  zero_beta = dataclasses.replace(cfg, kl_coef=0.0)
-  np.testing.assert_allclose(_grad(zero_beta, ref_logp), TOKEN_GRAD / 11, atol=1e-6)
+  for off in (NO_KL, dataclasses.replace(cfg, kl_coef=0.0)):
+    off_loss, off_metrics, off_grad = _loss(off, ref_logp=ref_logp)
+    np.testing.assert_allclose(off_loss, 0.25 / 11, rtol=1e-5)
+    np.testing.assert_allclose(off_metrics["kl"], kl, rtol=1e-5)
+    np.testing.assert_allclose(off_grad, TOKEN_GRAD / 11, atol=1e-6)
 
 
 def test_on_policy_step_from_rewards_end_to_end():
@@ -119,10 +112,11 @@ def test_on_policy_step_from_rewards_end_to_end():
   # A = +-(|x - y| / 2) / (|x - y| / sqrt(2) + 1e-6) ~ +-1/sqrt(2). On the first PPO epoch
   # rho = 1, so the token-mean loss is -sum_b A_b * len_b / num_tokens.
   rewards = jnp.array([1.0, 0.0, 0.1, 1.0])
-  adv = grpo.compute_advantages(rewards, GRPOConfig(n=2))
+  adv = jax.jit(grpo.compute_advantages, static_argnames="cfg")(rewards, cfg=GRPOConfig(n=2))
   np.testing.assert_allclose(adv, np.array([1, -1, -1, 1]) / np.sqrt(2), rtol=1e-5)
   logp = jnp.asarray(OLD_LOGP, jnp.float32)
-  loss, metrics = grpo.policy_loss(logp, logp, None, adv, jnp.asarray(MASK), NO_KL)
+  loss, metrics = jax.jit(grpo.policy_loss, static_argnames="cfg")(
+      logp, logp, None, adv, jnp.asarray(MASK), cfg=NO_KL)
   lengths = MASK.sum(axis=1)
   np.testing.assert_allclose(loss, -(np.asarray(adv) * lengths).sum() / 11, rtol=1e-5, atol=1e-7)
   assert float(metrics["clip_frac"]) == 0.0 and float(metrics["ratio_mean"]) == 1.0
@@ -222,9 +216,10 @@ def test_kl_estimator_values_gradients_and_clamp():
       [1 - np.exp(d[0]), 1 - np.exp(d[1]), 0.0, 0.0])}  # the clamped token has no gradient
   for name in expected:
     fn = grpo.get_kl_estimator(name)
+    value, grad = jax.jit(jax.value_and_grad(lambda lp: fn(lp, ref)[0].sum()))(logp)
     np.testing.assert_allclose(fn(logp, ref)[0], expected[name], rtol=1e-5)
-    grad = jax.grad(lambda lp: fn(lp, ref).sum())(logp)[0]
-    np.testing.assert_allclose(grad, grads[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, expected[name].sum(), rtol=1e-5)
+    np.testing.assert_allclose(grad[0], grads[name], rtol=1e-5, atol=1e-6)
   assert float(grpo.get_kl_estimator("low_var_kl")(logp, ref)[0, 3]) == 10.0
 
 

@@ -88,7 +88,8 @@ def resolve_rules(rules: RulesLike = None) -> Rules:
   for name, axes in table:
     for axis in (axes,) if isinstance(axes, str) else (axes or ()):
       if axis not in MESH_AXES:
-        raise ValueError(f"Rule {name!r} -> {axes!r} names mesh axis {axis!r}; mesh axes: {MESH_AXES}.")
+        raise ValueError(f"Rule {name!r} -> {axes!r} names mesh axis {axis!r}; "
+                         f"mesh axes: {MESH_AXES}.")
   return table
 
 
@@ -247,7 +248,8 @@ def _log_once(message: str) -> None:
     _log.info(message)
 
 
-def _variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:
+def _variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh,
+                       rules: Rules) -> NamedSharding:
   value = variable.get_value()
   names = variable.get_metadata().get("out_sharding")
   shape = getattr(value, "shape", ())
@@ -324,7 +326,8 @@ def shard_model(model: M, mesh: Mesh, rules: RulesLike = None) -> M:
 DEFAULT_BATCH_DIMS: dict[str, int | None] = {"position_ids": 1}  # [3, B, S]
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1, batch_dim: int = 0, rules: RulesLike = None) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int = 1, batch_dim: int = 0,
+                   rules: RulesLike = None) -> NamedSharding:
   """Sharding that splits dim `batch_dim` of an `ndim`-D array by the 'batch' rule."""
   names = [None] * ndim
   names[batch_dim] = "batch"

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cpt_jax.data import builders
+from cpt_jax.data import schema
 
 
 def _png(color: tuple[int, int, int], size=(30, 20)) -> bytes:
@@ -124,6 +125,12 @@ def test_parquet_shards_per_task_columns(tmp_path):
   builders.build("superclevr", manual, tmp_path / "data")
   r = _decode(builders.load_split(tmp_path / "data", "superclevr", "train")[0])
   assert r["question"] == "How many cubes?" and r["answer"] == "3"
+
+
+def test_one_builder_per_task_and_benchmark():
+  assert set(builders.BUILDERS) == set(schema.TASKS + schema.GENERAL_BENCHMARKS)
+  for task, cls in builders.BUILDERS.items():
+    assert cls.name == f"cpt_{task}" and cls.TASK == task and task in builders.COLUMN_MAPS
 
 
 def test_missing_columns_and_unknown_task(tmp_path):

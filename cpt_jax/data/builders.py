@@ -351,14 +351,51 @@ class RealTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
 
 
-def _make_builder_class(task: str) -> type[RealTaskBuilder]:
-  class_name = "Cpt" + "".join(part.capitalize() for part in task.split("_"))
-  return type(class_name, (RealTaskBuilder,), {"name": builder_name(task), "TASK": task,
-                                               "__module__": __name__})
+# One registered TFDS builder per task, named cpt_<task> (module-level classes, so that data
+# sources that reference them can be pickled into data-loading worker processes).
+class CptScienceqa(RealTaskBuilder):
+  TASK = "scienceqa"
+
+
+class CptTextvqa(RealTaskBuilder):
+  TASK = "textvqa"
+
+
+class CptVizwiz(RealTaskBuilder):
+  TASK = "vizwiz"
+
+
+class CptGqa(RealTaskBuilder):
+  TASK = "gqa"
+
+
+class CptGeometry3k(RealTaskBuilder):
+  TASK = "geometry3k"
+
+
+class CptPathvqa(RealTaskBuilder):
+  TASK = "pathvqa"
+
+
+class CptSuperclevr(RealTaskBuilder):
+  TASK = "superclevr"
+
+
+class CptMmmu(RealTaskBuilder):
+  TASK = "mmmu"
+
+
+class CptMmluPro(RealTaskBuilder):
+  TASK = "mmlu_pro"
+
+
+class CptPope(RealTaskBuilder):
+  TASK = "pope"
 
 
 BUILDERS: dict[str, type[RealTaskBuilder]] = {
-    task: _make_builder_class(task) for task in schema.TASKS + schema.GENERAL_BENCHMARKS}
+    cls.TASK: cls for cls in (CptScienceqa, CptTextvqa, CptVizwiz, CptGqa, CptGeometry3k,
+                              CptPathvqa, CptSuperclevr, CptMmmu, CptMmluPro, CptPope)}
 
 
 def _builder_class(task: str) -> type[RealTaskBuilder]:

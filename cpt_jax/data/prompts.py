@@ -66,7 +66,9 @@ def get_prompt(task: str) -> PromptFormat:
   return _REGISTRY[task]
 
 
-for _task in ("scienceqa", "textvqa", "gqa", "geometry3k", "pathvqa", "superclevr", "mmmu", "pope"):
+# "general": the synthetic benchmark's held-out set (plays MMMU's part).
+for _task in ("scienceqa", "textvqa", "gqa", "geometry3k", "pathvqa", "superclevr", "mmmu", "pope",
+              "general"):
   register_prompt(_task, PromptFormat())
 register_prompt("vizwiz", PromptFormat(extra_instructions=(UNANSWERABLE_INSTRUCTION,)))
 register_prompt("mmlu_pro", PromptFormat(has_image=False))

@@ -135,29 +135,29 @@ class ModelConfig:
   # ---------------------------------------------------------------- presets
 
   @classmethod
-  def qwen2_5_vl_7b(cls, **kwargs) -> ModelConfig:
-    return cls(**kwargs).validate()
+  def qwen2_5_vl_7b(cls, **overrides) -> ModelConfig:
+    return cls(**overrides).validate()
 
   @classmethod
-  def qwen2_5_vl_3b(cls, **kwargs) -> ModelConfig:
+  def qwen2_5_vl_3b(cls, **overrides) -> ModelConfig:
     text = TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
                       num_heads=16, num_kv_heads=2)
-    vision = VisionConfig(out_hidden_size=2048)
-    return cls(text=text, vision=vision, tie_word_embeddings=True, **kwargs).validate()
+    fields = dict(text=text, vision=VisionConfig(out_hidden_size=2048), tie_word_embeddings=True)
+    return cls(**{**fields, **overrides}).validate()
 
   @classmethod
-  def tiny(cls, vocab_size: int = 512, **kwargs) -> ModelConfig:
-    """A few-hundred-kilobyte model for tests and the CPU demo."""
+  def tiny(cls, vocab_size: int = 512, **overrides) -> ModelConfig:
+    """A model of a few hundred kilobytes for tests and CPU demos; special tokens take the last
+    vocabulary ids unless overridden."""
     text = TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3),
                       max_position_embeddings=4096)
     vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                           out_hidden_size=64, fullatt_block_indexes=(1,))
-    ids = dict(bos_token_id=None, eos_token_id=(vocab_size - 1,), image_token_id=vocab_size - 2,
-               video_token_id=vocab_size - 3, vision_start_token_id=vocab_size - 4,
-               vision_end_token_id=vocab_size - 5)
-    ids.update(kwargs)
-    return cls(text=text, vision=vision, **ids).validate()
+    fields = dict(text=text, vision=vision, bos_token_id=None, eos_token_id=(vocab_size - 1,),
+                  image_token_id=vocab_size - 2, video_token_id=vocab_size - 3,
+                  vision_start_token_id=vocab_size - 4, vision_end_token_id=vocab_size - 5)
+    return cls(**{**fields, **overrides}).validate()
 
   # ---------------------------------------------------------------- HF config.json
 
@@ -248,9 +248,14 @@ class ModelConfig:
         eos_token_id=eos[0] if len(eos) == 1 else eos,
         pad_token_id=self.pad_token_id,
     )
+    special = dict(image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                   vision_start_token_id=self.vision_start_token_id,
+                   vision_end_token_id=self.vision_end_token_id)
     if self.vision is None:
+      # Qwen2 has no M-RoPE (all position rows are equal, so mrope_section does not matter);
+      # the vision token ids are kept as extra keys for a lossless round trip.
       return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=t.rope_theta,
-                  tie_word_embeddings=self.tie_word_embeddings, **text)
+                  tie_word_embeddings=self.tie_word_embeddings, **text, **special)
     text.update(model_type="qwen2_5_vl_text",
                 rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta,
                                      mrope_section=list(t.mrope_section)))
@@ -276,9 +281,6 @@ class ModelConfig:
         model_type="qwen2_5_vl",
         text_config=text,
         vision_config=vision,
-        image_token_id=self.image_token_id,
-        video_token_id=self.video_token_id,
-        vision_start_token_id=self.vision_start_token_id,
-        vision_end_token_id=self.vision_end_token_id,
+        **special,
         tie_word_embeddings=self.tie_word_embeddings,
     )

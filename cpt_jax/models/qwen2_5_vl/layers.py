@@ -14,31 +14,48 @@ from flax import nnx
 INIT_STDDEV = 0.02  # initializer_range of the reference configs
 
 
-def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], *,
+class Keys:
+  """Fresh PRNG keys made by folding a counter into one key.
+
+  Unlike drawing from `nnx.Rngs` for every parameter, this mutates no Variable, which keeps
+  tracing the init of a large model (nnx.eval_shape, jit) fast.
+  """
+
+  def __init__(self, key: jax.Array):
+    self.key = key
+    self.count = 0
+
+  def __call__(self) -> jax.Array:
+    self.count += 1
+    return jax.random.fold_in(self.key, self.count)
+
+
+def param(keys: Keys | None, shape: Sequence[int], names: Sequence[str | None], *,
           init: str, dtype) -> nnx.Param:
   """A parameter initialised with 'normal' (std 0.02), 'zeros' or 'ones'."""
   shape = tuple(shape)
   if init == "normal":
-    value = INIT_STDDEV * jax.random.normal(rngs.params(), shape, dtype)
+    value = INIT_STDDEV * jax.random.normal(keys(), shape, dtype)
   elif init == "zeros":
     value = jnp.zeros(shape, dtype)
   elif init == "ones":
     value = jnp.ones(shape, dtype)
   else:
     raise ValueError(f"unknown init {init!r}")
-  return nnx.Param(value, out_sharding=tuple(names))
+  # `init` is kept as metadata so that host-side initialisation can redraw the value.
+  return nnx.Param(value, out_sharding=tuple(names), init=init)
 
 
 class Linear(nnx.Module):
   """y = x . W (+ b), W [*in_shape, *out_shape]: multi-axis in/out keeps heads explicit."""
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Sequence[str | None],
-               *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+               *, bias: bool, dtype, param_dtype, keys: Keys):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     self.n_in = len(in_shape)
     self.dtype = dtype
-    self.kernel = param(rngs, in_shape + out_shape, names, init="normal", dtype=param_dtype)
-    self.bias = (param(rngs, out_shape, names[self.n_in:], init="zeros", dtype=param_dtype)
+    self.kernel = param(keys, in_shape + out_shape, names, init="normal", dtype=param_dtype)
+    self.bias = (param(keys, out_shape, names[self.n_in:], init="zeros", dtype=param_dtype)
                  if bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,8 +89,8 @@ class GatedMLP(nnx.Module):
   """down(act(gate(x)) * up(x)); bias on all three in the vision tower, none in the decoder."""
 
   def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               keys: Keys):
+    kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, keys=keys)
     self.gate_proj = Linear((dim,), (hidden,), ("embed", "mlp"), **kw)
     self.up_proj = Linear((dim,), (hidden,), ("embed", "mlp"), **kw)
     self.down_proj = Linear((hidden,), (dim,), ("mlp", "embed"), **kw)

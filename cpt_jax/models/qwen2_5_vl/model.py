@@ -68,13 +68,14 @@ class Qwen2_5_VL(nnx.Module):
                        f"{jax.default_backend()!r}; use 'xla'")
     self.config = config
     self.dtype = dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=config.attention_impl,
+    keys = layers.Keys(rngs.params())
+    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys, impl=config.attention_impl,
               remat=config.remat)
     self.visual = (vision.VisionTransformer(config.vision, **kw)
                    if config.vision is not None else None)
     self.language_model = Decoder(config.text, **kw)
     self.lm_head = (None if config.tie_word_embeddings else
-                    layers.param(rngs, (config.text.hidden_size, config.text.vocab_size),
+                    layers.param(keys, (config.text.hidden_size, config.text.vocab_size),
                                  ("embed", "vocab"), init="normal", dtype=param_dtype))
 
   # ---------------------------------------------------------------- pieces
@@ -187,5 +188,22 @@ class Qwen2_5_VL(nnx.Module):
 
 def init_from_config(config: ModelConfig, rng: jax.Array | int = 0, dtype=jnp.float32,
                      param_dtype=jnp.float32) -> Qwen2_5_VL:
-  """A randomly initialised model (normal(0.02) weights, zero biases, unit norms)."""
-  return Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=rng))
+  """A randomly initialised model: normal(0.02) weights, zero biases, unit norm scales.
+
+  Values are drawn on the host with numpy, seeded by `rng` (an int or a JAX key), and the model
+  is built abstractly first: no XLA compilation, which on CPU would take longer than the
+  tiny models of tests and demos need to run. Large models come from `load_pretrained`, or
+  from jitting the constructor with output shardings (cpt_jax.sharding).
+  """
+  model = nnx.eval_shape(
+      lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  seed = rng if isinstance(rng, int) else np.asarray(jax.random.key_data(rng)).ravel().tolist()
+  gen = np.random.default_rng(seed)
+  for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    shape, init = tuple(variable.shape), variable.get_metadata()["init"]
+    if init == "normal":
+      value = layers.INIT_STDDEV * gen.standard_normal(shape, dtype=np.float32)
+    else:
+      value = (np.zeros if init == "zeros" else np.ones)(shape, np.float32)
+    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+  return model

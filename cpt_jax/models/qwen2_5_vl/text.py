@@ -41,9 +41,9 @@ def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) 
 
 class Attention(nnx.Module):
 
-  def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str):
+  def __init__(self, config: TextConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str):
     d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
     self.q_proj = layers.Linear((d,), (h, hd), ("embed", "heads", "head_dim"), bias=True, **kw)
     self.k_proj = layers.Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), bias=True, **kw)
     self.v_proj = layers.Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), bias=True, **kw)
@@ -69,13 +69,13 @@ class Attention(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str):
+  def __init__(self, config: TextConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.self_attn = Attention(config, rngs=rngs, impl=impl, **kw)
+    self.self_attn = Attention(config, keys=keys, impl=impl, **kw)
     self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.mlp = layers.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                               bias=False, rngs=rngs, **kw)
+                               bias=False, keys=keys, **kw)
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
     h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
@@ -88,12 +88,12 @@ class Decoder(nnx.Module):
   """Token embedding, decoder layers and final norm (the `model.*` / `language_model.*` part)."""
 
   def __init__(self, config: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, impl: str = "xla", remat: str = "none"):
+               keys: layers.Keys, impl: str = "xla", remat: str = "none"):
     self.config = config
     self.dtype = dtype
-    self.embed_tokens = layers.param(rngs, (config.vocab_size, config.hidden_size),
+    self.embed_tokens = layers.param(keys, (config.vocab_size, config.hidden_size),
                                      ("vocab", "embed"), init="normal", dtype=param_dtype)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=impl)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys, impl=impl)
     self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
     self.norm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
                                param_dtype=param_dtype)

@@ -110,9 +110,9 @@ def num_image_tokens(image_grid_thw, config: VisionConfig) -> np.ndarray:
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str):
+  def __init__(self, config: VisionConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str):
     h, d, e = config.num_heads, config.head_dim, config.hidden_size
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
     # Output rows of the reference's fused qkv are ordered (q|k|v, head, head_dim).
     self.qkv = layers.Linear((e,), (3, h, d), ("embed", None, "heads", "head_dim"),
                             bias=True, **kw)
@@ -133,13 +133,13 @@ class VisionAttention(nnx.Module):
 
 class VisionBlock(nnx.Module):
 
-  def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str):
+  def __init__(self, config: VisionConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.norm2 = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.attn = VisionAttention(config, rngs=rngs, impl=impl, **kw)
+    self.attn = VisionAttention(config, keys=keys, impl=impl, **kw)
     self.mlp = layers.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                               bias=True, rngs=rngs, **kw)
+                               bias=True, keys=keys, **kw)
 
   def __call__(self, x, cos, sin, blocks):
     x = x + self.attn(self.norm1(x), cos, sin, blocks)
@@ -149,14 +149,14 @@ class VisionBlock(nnx.Module):
 class PatchMerger(nnx.Module):
   """RMSNorm, concatenate each merge x merge block of patches, Linear, exact GELU, Linear."""
 
-  def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: VisionConfig, *, dtype, param_dtype, keys: layers.Keys):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     merged = config.hidden_size * config.spatial_merge_size**2
     self.merged = merged
     self.ln_q = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.fc1 = layers.Linear((merged,), (merged,), ("embed", "mlp"), bias=True, rngs=rngs, **kw)
+    self.fc1 = layers.Linear((merged,), (merged,), ("embed", "mlp"), bias=True, keys=keys, **kw)
     self.fc2 = layers.Linear((merged,), (config.out_hidden_size,), ("mlp", "embed"), bias=True,
-                             rngs=rngs, **kw)
+                             keys=keys, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.ln_q(x).reshape(-1, self.merged)
@@ -167,9 +167,9 @@ class VisionTransformer(nnx.Module):
   """pixel_values [P, C*T*P*P] (HF layout) -> image features [P / merge**2, out_hidden_size]."""
 
   def __init__(self, config: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, impl: str = "xla", remat: str = "none"):
+               keys: layers.Keys, impl: str = "xla", remat: str = "none"):
     self.config = config
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
     self.dtype = dtype
     # The stride == kernel Conv3d is a matmul over each flattened (C, T, P, P) patch.
     self.patch_embed = layers.Linear((config.patch_dim,), (config.hidden_size,),

@@ -38,16 +38,19 @@ def test_llava_json_scienceqa(tmp_path):
   manual = tmp_path / "manual"
   entries = [
       {"id": "q1", "image": "imgs/a.png", "conversations": [
-          {"from": "human", "value": "<image>\nWhich is red?\nContext: look.\nA. apple\nB. sky\n"
-                                     "Answer with the option's letter from the given choices directly."},
+          {"from": "human", "value": (
+              "<image>\nWhich is red?\nContext: look.\nA. apple\nB. sky\n"
+              "Answer with the option's letter from the given choices directly.")},
           {"from": "gpt", "value": "A"}]},
       {"id": "q2", "image": "imgs/b.png", "conversations": [
           {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "blue"},
           {"from": "human", "value": "Is it a square?"}, {"from": "gpt", "value": "yes"}]},
   ]
   _write_llava(manual, "train", entries, {"a.png": _png((255, 0, 0)), "b.png": _png((0, 0, 255))})
+  (manual / "test.jsonl").write_text(json.dumps(entries[0]) + "\n")
   builder = builders.build("scienceqa", manual, tmp_path / "data")
-  assert set(builder.info.splits.keys()) == {"train"}
+  assert set(builder.info.splits.keys()) == {"train", "test"}
+  assert builder.info.splits["test"].num_examples == 1
   src = builders.load_split(tmp_path / "data", "scienceqa", "train")
   records = sorted((_decode(src[i]) for i in range(len(src))), key=lambda r: r["id"])
   assert [r["id"] for r in records] == ["q1", "q2#0", "q2#1"]
@@ -155,7 +158,8 @@ def test_bad_image_raise_or_skip(tmp_path):
           {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "a"}]},
   ]
   _write_llava(manual, "train", entries, {"g.png": _png((1, 1, 1)), "c.png": b"\x89PNG garbage"})
-  with pytest.raises(builders.BadExampleError, match=r"record id='corrupt' in .*train.json: bad image"):
+  with pytest.raises(builders.BadExampleError,
+                     match=r"record id='corrupt' in .*train.json: bad image"):
     builders.build("pathvqa", manual, tmp_path / "raise")
   builder = builders.build("pathvqa", manual, tmp_path / "skip", on_bad_example="skip")
   assert len(builder.skipped) == 2

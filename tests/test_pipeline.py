@@ -13,6 +13,7 @@ import pytest
 from cpt_jax.data import builders
 from cpt_jax.data import image_processing
 from cpt_jax.data import pipeline
+from cpt_jax.data import prompts
 from cpt_jax.data import tokenizer as tokenizer_lib
 
 PIXELS = dict(min_pixels=56 * 56, max_pixels=84 * 84)  # 4 to 9 merged image tokens per image
@@ -26,10 +27,10 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
 
 
 # Fixture truth, independent of the builders and the pipeline: id -> (task, question, answer, png).
-PATHVQA = {f"p{i}": ("pathvqa", f"Is tissue {i} normal?", ["yes", "no"][i % 2], _png(i, (60 + 8 * i, 50)))
-           for i in range(10)}
-SCIENCEQA = {f"s{i}": ("scienceqa", f"Which color is item {i}?", "AB"[i % 2], _png(100 + i, (56, 70)))
-             for i in range(6)}
+PATHVQA = {f"p{i}": ("pathvqa", f"Is tissue {i} normal?", ["yes", "no"][i % 2],
+                     _png(i, (60 + 8 * i, 50))) for i in range(10)}
+SCIENCEQA = {f"s{i}": ("scienceqa", f"Which color is item {i}?", "AB"[i % 2],
+                       _png(100 + i, (56, 70))) for i in range(6)}
 TRUTH = {**PATHVQA, **SCIENCEQA}
 
 
@@ -52,7 +53,7 @@ def data_dir(tmp_path_factory):
   for key, (_, question, answer, png) in PATHVQA.items():
     (manual / "images" / f"{key}.png").write_bytes(png)
     entries.append({"id": key, "image": f"images/{key}.png", "conversations": [
-        {"from": "human", "value": f"<image>\n{question}\n{builders.prompts.PHRASE_INSTRUCTION}"},
+        {"from": "human", "value": f"<image>\n{question}\n{prompts.PHRASE_INSTRUCTION}"},
         {"from": "gpt", "value": answer}]})
   (manual / "train.json").write_text(json.dumps(entries))
   builders.build("pathvqa", manual, root / "data")
@@ -107,7 +108,8 @@ def test_sft_batches_from_real_format(tok, sources):
     np.testing.assert_array_equal(b["attention_mask"], np.arange(S)[None] < lengths[:, None])
     assert (b["input_ids"][b["attention_mask"] == 0] == tok.pad_token_id).all()
     assert not (b["loss_mask"] & (1 - b["attention_mask"])).any()
-    np.testing.assert_array_equal((b["input_ids"] == pad).sum(1), _merged_tokens(b["image_grid_thw"]))
+    np.testing.assert_array_equal((b["input_ids"] == pad).sum(1),
+                                  _merged_tokens(b["image_grid_thw"]))
     assert b["pixel_values"].shape == (b["image_grid_thw"].prod(-1).sum(), 1176)
     for row in range(B):
       task, question, answer, png = TRUTH[b["id"][row]]
@@ -271,7 +273,8 @@ def test_bad_examples_skipped_and_counted(tok):
 
 @pytest.mark.parametrize("bad, match", [
     (1, r"bad_image: record id='corrupt' in mem.json \(record 1\): bad image"),
-    (2, r"missing_field: record id='no_answer' in mem.json \(record 1\): missing fields \['answer'\]"),
+    (2, r"missing_field: record id='no_answer' in mem.json \(record 1\): "
+        r"missing fields \['answer'\]"),
     (3, r"too_long: record id='long' in mem.json \(record 1\): \d+ tokens > max_len=160"),
 ])
 def test_bad_examples_raise(tok, bad, match):

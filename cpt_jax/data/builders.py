@@ -178,7 +178,9 @@ class _RawExample:
   image_dir: str
 
 
-def _read_llava_json(path: str, task: str, image_dir: str) -> Iterator[_RawExample | BadExampleError]:
+def _read_llava_json(
+    path: str, task: str, image_dir: str,
+) -> Iterator[_RawExample | BadExampleError]:
   with open(path) as f:
     if path.endswith(".jsonl"):
       entries = [json.loads(line) for line in f if line.strip()]
@@ -298,7 +300,8 @@ class RealTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, on_bad_example: str = "raise", image_dir: str | None = None, **kwargs):
     if on_bad_example not in BAD_EXAMPLE_POLICIES:
-      raise ValueError(f"on_bad_example must be one of {BAD_EXAMPLE_POLICIES}, got {on_bad_example!r}")
+      raise ValueError(f"on_bad_example must be one of {BAD_EXAMPLE_POLICIES}, got "
+                       f"{on_bad_example!r}")
     self.on_bad_example = on_bad_example
     self.image_dir = image_dir
     # Messages of the records skipped while generating (on_bad_example='skip').

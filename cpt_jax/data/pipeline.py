@@ -250,7 +250,8 @@ class _ExampleMaker:
       fmt = prompts.get_prompt(task)
     except ValueError as e:
       return _Bad("unknown_task", task, f"record id={record_id!r} in {where}: {e}")
-    image_pixels, grids = np.zeros((0, self.config.patch_dim), np.float32), np.zeros((0, 3), np.int32)
+    image_pixels = np.zeros((0, self.config.patch_dim), np.float32)  # [P, D]
+    grids = np.zeros((0, 3), np.int32)  # [I, 3]
     if fmt.has_image:
       try:
         image = _decode_image(record["image"])
@@ -455,7 +456,8 @@ def _check_model_config(model_config: Any, tokenizer, config: DataConfig) -> Non
                   f"{tokenizer_lib.IMAGE_PAD} id {pad_id}")
   vision = model_config.vision
   if vision is not None:
-    for ours, theirs in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+    for ours, theirs in (("patch_size", "patch_size"),
+                         ("temporal_patch_size", "temporal_patch_size"),
                          ("merge_size", "spatial_merge_size")):
       if getattr(config, ours) != getattr(vision, theirs):
         errors.append(f"data {ours}={getattr(config, ours)} != model vision "

@@ -295,6 +295,17 @@ def test_raise_names_array_record_file(tok, sources):
   assert sources[0].source[int(index)]["id"].decode() == record_id
 
 
+def test_text_only_task_has_no_image_tokens(tok):
+  # MMLU-Pro stores a placeholder image (see builders); the model never sees it.
+  record = _record("m1", task=b"mmlu_pro", question="2 + 2?", options=[b"3", b"4"], answer=b"B")
+  batch = next(iter(pipeline.Pipeline([pipeline.TaskSource("mmlu_pro", [record])], tok,
+                                      _config(batch_size=1))))
+  assert batch["pixel_values"].shape == (0, 1176) and batch["image_grid_thw"].shape == (0, 3)
+  text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0] == 1])
+  assert "<|vision_start|>" not in text and "A. 3\nB. 4" in text
+  assert tok.decode(batch["input_ids"][0][batch["loss_mask"][0] == 1]) == "B<|im_end|>"
+
+
 def test_config_errors():
   with pytest.raises(ValueError, match="prompt_style must be 'sft'"):
     pipeline.DataConfig(product="sft", prompt_style="rft")

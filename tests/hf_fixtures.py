@@ -29,12 +29,12 @@ MERGE = 2
 @dataclasses.dataclass
 class Checkpoint:
   path: str
-  model: transformers.Qwen2_5_VLForConditionalGeneration
+  model: transformers.PreTrainedModel  # Qwen2_5_VLForConditionalGeneration or Qwen2ForCausalLM
   tokenizer: transformers.PreTrainedTokenizerBase
 
   @property
   def image_token_id(self) -> int:
-    return self.model.config.image_token_id
+    return self.tokenizer.convert_tokens_to_ids(tokenizer_lib.IMAGE_PAD)
 
 
 _CACHE: dict[tuple, Checkpoint] = {}
@@ -65,6 +65,25 @@ def checkpoint(tmp_path_factory, *, vision_depth: int = 2,
         tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    _CACHE[key] = Checkpoint(str(path), model, tok)
+  return _CACHE[key]
+
+
+def qwen2_checkpoint(tmp_path_factory, seed: int = 2) -> Checkpoint:
+  """A text-only Qwen2ForCausalLM of the same decoder size (what text benchmarks load)."""
+  key = ("qwen2", seed)
+  if key not in _CACHE:
+    path = tmp_path_factory.mktemp("hf_qwen2")
+    tok = tokenizer_lib.train_tokenizer(path, CORPUS, vocab_size=VOCAB_SIZE)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(config).eval()
     randomize_(model, seed)
     model.save_pretrained(path)
     _CACHE[key] = Checkpoint(str(path), model, tok)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from cpt_jax.models import load_pretrained, prepare_inputs
@@ -81,3 +82,21 @@ def test_several_full_attention_blocks_and_tied_head(fullatt_ckpt):
   grids = [(1, 6, 10), (1, 4, 4)]
   ids = hf_fixtures.prompt_ids(fullatt_ckpt, [grids[0], "and", grids[1], "What color?"])
   _check_parity(fullatt_ckpt, model, [ids], grids=grids)
+
+
+def test_text_only_qwen2_checkpoint(tmp_path_factory):
+  ckpt = hf_fixtures.qwen2_checkpoint(tmp_path_factory)
+  model = load_pretrained(ckpt.path)
+  assert model.config.vision is None and model.visual is None
+  rows = [hf_fixtures.prompt_ids(ckpt, ["What color?"]),
+          hf_fixtures.prompt_ids(ckpt, ["How many red spheres are there in the picture?"])]
+  input_ids, mask = hf_fixtures.pad_batch(rows, pad_id=0, side="left")
+  ours = np.asarray(_forward(model, input_ids, mask, None, None, None))
+  # Padded rows count positions from their first real token, as HF generate does.
+  positions = torch.as_tensor(np.maximum(mask.cumsum(-1) - 1, 0), dtype=torch.long)
+  with torch.no_grad():
+    theirs = ckpt.model(input_ids=torch.as_tensor(input_ids, dtype=torch.long),
+                        attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                        position_ids=positions).logits.numpy()
+  real = mask.astype(bool)
+  assert np.abs(ours[real] - theirs[real]).max() <= TOL

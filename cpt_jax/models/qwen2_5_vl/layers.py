@@ -101,17 +101,19 @@ class GatedMLP(nnx.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              kv_lengths: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+              kv_lengths: jax.Array | None = None, impl: str | None = "xla") -> jax.Array:
   """Softmax attention with grouped KV heads.
 
   q [B, S, N, D], k/v [B, T, K, D] with N a multiple of K; `mask` [B, S, T] (True = attend)
   and/or `kv_lengths` [B] (keys at t >= length are ignored). Returns [B, S, N, D].
+  impl 'xla' is the einsum below; anything else is passed to jax.nn.dot_product_attention as
+  its `implementation` ('cudnn' for the fused GPU kernel).
   """
-  if impl == "cudnn":
+  if impl != "xla":
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if mask is None else mask[:, None],
         key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
-        implementation="cudnn")
+        implementation=impl)
   b, s, n, d = q.shape
   t, kv_heads = k.shape[1], k.shape[2]
   q = q.reshape(b, s, kv_heads, n // kv_heads, d)

@@ -63,9 +63,13 @@ class Qwen2_5_VL(nnx.Module):
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     config.validate()
-    if config.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-      raise ValueError(f"attention_impl='cudnn' needs a GPU backend, not "
-                       f"{jax.default_backend()!r}; use 'xla'")
+    if config.attention_impl == "cudnn":
+      if jax.default_backend() != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU backend, not "
+                         f"{jax.default_backend()!r}; use 'xla'")
+      if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, not "
+                         f"{jnp.dtype(dtype)}")
     self.config = config
     self.dtype = dtype
     keys = layers.Keys(rngs.params())

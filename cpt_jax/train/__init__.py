@@ -1,0 +1,1 @@
+"""Trainers: the optimizer/train-state machinery they share (optim), SFT (sft, loop)."""

@@ -1,0 +1,278 @@
+"""The SFT job: config -> mesh -> data -> model -> restore -> jitted step -> train loop.
+
+    python -m cpt_jax.main --config=configs/sft_synthetic.py --workdir=/tmp/sft
+
+Reads top to bottom; each section is a banner. Initialisation order: a checkpoint in
+the workdir (resume) > `model.pretrained` (HF checkpoint directory) > random init.
+
+Evaluation here is teacher-forced: the answer tokens of each test example are scored
+under the model (next-token argmax), giving exact match, token accuracy and NLL per task.
+It is a cheap training signal, not the papers' metric, which decodes a response and
+extracts the answer (see cpt_jax.rl.rewards); the continual-learning loop does that.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from cpt_jax import checkpoint as checkpoint_lib
+from cpt_jax import models
+from cpt_jax import sharding
+from cpt_jax import writer as writer_lib
+from cpt_jax.data import pipeline as pipeline_lib
+from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.train import optim, sft
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRESETS = ("tiny", "3b", "7b")
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  compute_dtype = _dtype(config.compute_dtype)
+
+  # ---------------------------------------------------------------- mesh
+  mesh, rules = sharding.mesh_from_config(config.mesh)
+  logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+
+  # ---------------------------------------------------------------- tokenizer, data
+  data_dir = config.data.dir or os.path.join(workdir, "data")
+  if config.data.kind == "synthetic":
+    from cpt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.build_synthetic(data_dir, config.data.tasks, **config.data.synthetic)
+  train_sources = pipeline_lib.open_sources(data_dir, config.data.tasks, "train",
+                                            config.data.kind)
+  tokenizer = _tokenizer(config, workdir, train_sources)
+  model_config = _model_config(config, tokenizer)
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  train_data = pipeline_lib.Pipeline(
+      train_sources, tokenizer, _data_config(config, train=True), model_config=model_config)
+  train_iter = iter(train_data)
+  num_examples = sum(len(s.source) for s in train_sources)
+  total_steps = config.total_steps or math.ceil(
+      config.num_epochs * num_examples / config.data.batch_size)
+  logging.info("%d training examples, batch %d: %d steps", num_examples,
+               config.data.batch_size, total_steps)
+
+  # ---------------------------------------------------------------- model and optimizer
+  # Abstract first: a resumed run never builds (or loads) weights it then overwrites.
+  abstract_model = nnx.eval_shape(lambda: models.Qwen2_5_VL(
+      model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_params = _split_params(abstract_model)
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(
+      nnx.state(abstract_model, nnx.Param), mesh, rules))
+  optimizer = optim.make_optimizer(config.optim, abstract_params,
+                                   max(1, total_steps // config.optim.grad_accum_steps))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init_state(params):
+    return optim.create_train_state(params, optimizer, jax.random.PRNGKey(config.seed))
+  abstract_state = jax.eval_shape(init_state, abstract_params)
+  state_sh = optim.state_shardings(abstract_state, param_sh, replicated)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+
+  # ---------------------------------------------------------------- restore or init
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.ckpt.keep,
+                                     async_save=config.ckpt.async_save)
+  restored = ckpt.restore_latest(abstract_state, data_iter=train_iter)
+  if restored is not None:
+    state, _ = restored
+    logging.info("resumed at step %d", int(state.step))
+  else:
+    model = _build_model(config, model_config, compute_dtype, mesh, rules)
+    _, params = _split_params(model)
+    del model
+    state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
+  step = int(state.step)
+
+  # ---------------------------------------------------------------- steps
+  train_step = sft.make_train_step(graphdef, optimizer, compute_dtype=compute_dtype,
+                                   remat_policy=config.remat_policy or None,
+                                   state_sharding=state_sh)
+  eval_step = sft.make_eval_step(graphdef, compute_dtype=compute_dtype)
+
+  def evaluate(params) -> dict[str, float]:
+    eval_data = pipeline_lib.Pipeline(
+        pipeline_lib.open_sources(data_dir, config.data.tasks, config.eval.split,
+                                  config.data.kind),
+        tokenizer, _data_config(config, train=False), model_config=model_config)
+    scores, tasks, seen = [], [], 0
+    for batch in eval_data:
+      with sharding.use_mesh(mesh, rules):
+        scores.append(eval_step(params, _device_batch(batch, mesh, rules)))
+      # Task names as indices, so that every process can gather them like the scores.
+      tasks.append(np.array([config.data.tasks.index(t) for t in batch["task"]], np.int32))
+      seen += config.eval.batch_size
+      if config.eval.max_examples and seen >= config.eval.max_examples:
+        break
+    if not scores:
+      raise ValueError(f"eval split {config.eval.split!r} gave no full batch of "
+                       f"{config.eval.batch_size}")
+    scores, tasks = multihost_utils.process_allgather((scores, tasks), tiled=True)
+    names = [np.asarray(config.data.tasks)[t] for t in tasks]
+    return {f"eval/{k}": v for k, v in sft.summarize_eval(scores, names).items()}
+
+  # ---------------------------------------------------------------- loop
+  writer = writer_lib.MetricWriter(workdir, config=config, total_steps=total_steps,
+                                   start_step=step)
+  writer.log("training from step %d to %d", step, total_steps)
+  # Metrics are read one step late, so the host queues step t+1 before waiting on step t.
+  pending = None
+  last_time, final = time.perf_counter(), {}
+  preempted = False
+  while step < total_steps:
+    batch = next(train_iter)
+    with sharding.use_mesh(mesh, rules):
+      state, metrics = train_step(state, _device_batch(batch, mesh, rules))
+    step += 1
+    if pending is not None:
+      final = _report(writer, *pending, config.log_every, total_steps)
+    now = time.perf_counter()
+    pending = (step - 1, metrics, now - last_time)
+    last_time = now
+
+    if ckpt.reached_preemption(step):
+      preempted = True
+    if config.eval.every > 0 and step % config.eval.every == 0 and step < total_steps:
+      writer.write(step, evaluate(state.params))
+    if preempted or step == total_steps or step % config.ckpt.every == 0:
+      ckpt.save(step, state, data_iter=train_iter, force=True,
+                metadata={"total_steps": total_steps, "bad_examples": train_iter.counts.state()})
+    if preempted:
+      writer.log("preempted: saved step %d, stopping", step)
+      break
+  if pending is not None:
+    final = _report(writer, *pending, 1, total_steps)
+  if not preempted and config.eval.every >= 0:
+    eval_metrics = evaluate(state.params)
+    writer.write(step, eval_metrics)
+    final.update(eval_metrics)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return {**final, "step": step, "preempted": preempted}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _report(writer, step_before, metrics, seconds, log_every, total_steps) -> dict:
+  """Writes the metrics of the step that ended at `step_before + 1` (blocks on it)."""
+  step = step_before + 1
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  values["step_time_s"] = seconds
+  values["tokens_per_s"] = values["tokens"] / seconds if seconds > 0 else 0.0
+  if values["skipped"]:
+    writer.log("step %d: non-finite loss or gradient, update skipped (%d so far)", step,
+               int(values["skipped_total"]))
+  if step % log_every == 0 or step == total_steps or values["skipped"]:
+    writer.write(step, values)
+  return values
+
+
+def _dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
+
+
+def _device_batch(batch: dict, mesh, rules) -> dict:
+  return sharding.shard_batch(sft.device_batch(batch), mesh, rules=rules)
+
+
+def _split_params(model) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, float32 params as a pure dict); only nnx.Param state is supported."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("the SFT trainer keeps only nnx.Param variables; the model also has "
+                     f"{[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(rest)][:5]}")
+  return graphdef, nnx.to_pure_dict(params)
+
+
+def _data_config(config, *, train: bool) -> pipeline_lib.DataConfig:
+  d = config.data
+  batch = d.batch_size if train else config.eval.batch_size
+  return pipeline_lib.DataConfig(
+      product="sft", prompt_style="sft", batch_size=batch // jax.process_count(),
+      max_len=d.max_len, length_buckets=tuple(d.length_buckets),
+      seed=config.seed, shuffle=train,
+      num_epochs=None if train else 1,  # training runs `total_steps`, across epochs
+      drop_remainder=True,  # static shapes; eval scores the full batches only
+      min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+      fixed_size=tuple(d.fixed_size) if d.fixed_size else None,
+      num_workers=d.num_workers, on_bad_example=d.on_bad_example)
+
+
+def _tokenizer(config, workdir: str, train_sources):
+  """The checkpoint's tokenizer, `tokenizer.path`, or one trained on the training texts
+  (saved in the workdir so a resumed run reuses it)."""
+  if config.model.pretrained:
+    return tokenizer_lib.load_tokenizer(config.model.pretrained)
+  if config.tokenizer.path:
+    return tokenizer_lib.load_tokenizer(config.tokenizer.path)
+  path = os.path.join(workdir, "tokenizer")
+  if os.path.isdir(path):
+    return tokenizer_lib.load_tokenizer(path)
+  if jax.process_count() > 1:
+    raise ValueError("set tokenizer.path on multi-process runs (a tokenizer trained by each "
+                     "process would not be shared)")
+  from cpt_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  corpus = []
+  for ts in train_sources:
+    for i in range(min(len(ts.source), config.tokenizer.corpus_examples)):
+      r = ts.source[i]
+      options = [text(o) for o in r["options"]]
+      corpus.append(prompts.prompt_text(text(r["task"]), text(r["question"]), options, "sft"))
+      corpus.append(text(r["answer"]))
+  corpus.append(tokenizer_lib.CHAT_TEMPLATE)
+  return tokenizer_lib.train_tokenizer(path, corpus, config.tokenizer.vocab_size)
+
+
+def _model_config(config, tokenizer):
+  """ModelConfig of the checkpoint (`model.pretrained`) or of a preset sized to the tokenizer."""
+  m = config.model
+  overrides = dict(remat=m.remat, attention_impl=m.attention_impl)
+  if m.pretrained:
+    from cpt_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
+    return params_lib.load_config(m.pretrained, **overrides)
+  if m.preset not in PRESETS:
+    raise ValueError(f"model.preset must be one of {PRESETS}, got {m.preset!r}")
+  if m.preset != "tiny":
+    preset = {"3b": models.ModelConfig.qwen2_5_vl_3b, "7b": models.ModelConfig.qwen2_5_vl_7b}
+    return preset[m.preset](**overrides)
+  ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+      ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+      ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+  return models.ModelConfig.tiny(
+      vocab_size=len(tokenizer), eos_token_id=(tokenizer.eos_token_id,),
+      pad_token_id=tokenizer.pad_token_id, **ids, **overrides)
+
+
+def _build_model(config, model_config, compute_dtype, mesh, rules):
+  """The initial model, sharded: from `model.pretrained`, or randomly initialised (on the
+  host for the tiny preset, which skips a compile; else directly sharded on the devices)."""
+  kwargs = dict(dtype=compute_dtype, param_dtype=jnp.float32)
+  if config.model.pretrained:
+    model = models.load_pretrained(config.model.pretrained, remat=config.model.remat,
+                                   attention_impl=config.model.attention_impl, **kwargs)
+    return sharding.shard_model(model, mesh, rules)
+  if config.model.preset == "tiny":
+    model = models.init_from_config(model_config, config.seed, **kwargs)
+    return sharding.shard_model(model, mesh, rules)
+  return sharding.shard_init(
+      lambda: models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(config.seed), **kwargs), mesh, rules)

@@ -1,0 +1,130 @@
+"""Supervised fine-tuning: cross-entropy on answer tokens only, one jitted step.
+
+The batch follows the SFT contract (cpt_jax.data): input_ids / attention_mask /
+loss_mask [B, S] (loss_mask[t] = 1 where token t is an answer token predicted from
+t - 1), plus what the model needs (position_ids [3, B, S], pixel_values, vision_inputs).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cpt_jax.train import optim
+
+PyTree = Any
+
+# Batch entries a train or eval step reads; the rest (task names, image_grid_thw
+# metadata already folded into vision_inputs) stays on the host.
+MODEL_KWARGS = ("attention_mask", "position_ids", "pixel_values", "vision_inputs")
+DEVICE_KEYS = ("input_ids", "loss_mask") + MODEL_KWARGS
+
+
+def device_batch(batch: dict) -> dict:
+  """The part of a host batch that goes to the devices (no strings)."""
+  missing = [k for k in ("input_ids", "attention_mask", "loss_mask") if k not in batch]
+  if missing:
+    raise ValueError(f"SFT batch lacks {missing}; it has {sorted(batch)}")
+  return {k: batch[k] for k in DEVICE_KEYS if k in batch and batch[k] is not None}
+
+
+def forward(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> jax.Array:
+  """logits [B, S, V] of the model `graphdef` with weights `params` on `batch`."""
+  model = nnx.merge(graphdef, nnx.State(params))
+  kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+  return model(batch["input_ids"], **kwargs)
+
+
+def token_nll(logits: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token NLL and argmax hit at each position t >= 1 ([B, S-1] each)."""
+  logits = logits[:, :-1].astype(jnp.float32)             # [B, S-1, V]
+  targets = input_ids[:, 1:]                              # [B, S-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  hit = jnp.argmax(logits, axis=-1) == targets
+  return nll, hit
+
+
+def loss_fn(logits: jax.Array, input_ids: jax.Array,
+            loss_mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Token-mean cross-entropy over the batch's answer tokens.
+
+  Returns (loss, aux) with aux = answer-token count and next-token accuracy.
+  A batch without answer tokens has loss 0 (and no gradient).
+  """
+  nll, hit = token_nll(logits, input_ids)
+  mask = loss_mask[:, 1:].astype(jnp.float32)             # [B, S-1]
+  n = mask.sum()
+  denom = jnp.maximum(n, 1.0)
+  loss = (nll * mask).sum() / denom
+  accuracy = (hit * mask).sum() / denom
+  return loss, {"answer_tokens": n, "accuracy": accuracy}
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
+                    compute_dtype=None, remat_policy: str | None = None,
+                    state_sharding: PyTree | None = None) -> Callable:
+  """jit(step)(state, batch) -> (state, metrics); `state` is donated.
+
+  compute_dtype: dtype of the weights in the forward (e.g. jnp.bfloat16); the
+    float32 master weights and optimizer state are untouched by it.
+  remat_policy: a `jax.checkpoint_policies` name applied to the whole forward
+    (e.g. 'dots_with_no_batch_dims_saveable'); per-layer remat is the model's.
+  state_sharding: the TrainState's shardings, kept for the output state.
+  """
+  def loss_of_params(params, batch):
+    logits = forward(graphdef, optim.cast_floating(params, compute_dtype), batch)
+    return loss_fn(logits, batch["input_ids"], batch["loss_mask"])
+
+  if remat_policy:
+    policy = getattr(jax.checkpoint_policies, remat_policy, None)
+    if policy is None:
+      raise ValueError(f"unknown remat_policy {remat_policy!r}; see jax.checkpoint_policies")
+    loss_of_params = jax.checkpoint(loss_of_params, policy=policy)
+
+  def step(state: optim.TrainState, batch: dict):
+    (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state.params, batch)
+    state, info = optim.apply_gradients_or_skip(state, grads, loss, optimizer)
+    if state_sharding is not None:
+      state = jax.lax.with_sharding_constraint(state, state_sharding)
+    tokens = batch["attention_mask"].sum()
+    return state, {"loss": loss, "tokens": tokens, **aux, **info}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, compute_dtype=None) -> Callable:
+  """jit(eval)(params, batch) -> per-example teacher-forced answer scores.
+
+  Returns nll_sum, answer_tokens, correct_tokens and exact [B] (1 when the
+  greedy next-token prediction is right at every answer token). This is a cheap
+  proxy: the papers' accuracy decodes a full response and extracts the answer.
+  """
+  def evaluate(params, batch):
+    logits = forward(graphdef, optim.cast_floating(params, compute_dtype), batch)
+    nll, hit = token_nll(logits, batch["input_ids"])
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)   # [B, S-1]
+    n = mask.sum(axis=1)
+    correct = (hit * mask).sum(axis=1)
+    return {"nll_sum": (nll * mask).sum(axis=1), "answer_tokens": n,
+            "correct_tokens": correct, "exact": ((correct == n) & (n > 0)).astype(jnp.float32)}
+
+  return jax.jit(evaluate)
+
+
+def summarize_eval(per_example: list[dict], tasks: list[np.ndarray]) -> dict[str, float]:
+  """Aggregates `make_eval_step` outputs (host numpy) per task and overall."""
+  cat = {k: np.concatenate([np.asarray(d[k]) for d in per_example]) for k in per_example[0]}
+  task = np.concatenate([np.asarray(t) for t in tasks]).astype(str)
+  keep = cat["answer_tokens"] > 0            # padding rows of a last partial batch have none
+  out = {}
+  for name in sorted(set(task[keep])) + ["all"]:
+    sel = keep & ((task == name) if name != "all" else True)
+    tokens = cat["answer_tokens"][sel].sum()
+    out[f"{name}/exact_match"] = float(cat["exact"][sel].mean())
+    out[f"{name}/token_accuracy"] = float(cat["correct_tokens"][sel].sum() / tokens)
+    out[f"{name}/nll"] = float(cat["nll_sum"][sel].sum() / tokens)
+  return out

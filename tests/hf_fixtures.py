@@ -91,8 +91,8 @@ def qwen2_checkpoint(tmp_path_factory, seed: int = 2) -> Checkpoint:
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-  """Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2): activations
-  of order one, so that every tensor (biases included) moves the logits."""
+  """Weights ~ N(0, 1/fan_in) (embeddings: 1/hidden), biases ~ N(0, 0.1^2), norm scales
+  ~ 1 + N(0, 0.1^2): logits of order one, and every tensor (biases included) moves them."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -101,8 +101,6 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         p.copy_(0.1 * noise)
       elif p.ndim == 1:
         p.copy_(1.0 + 0.1 * noise)
-      elif "embed_tokens" in name:
-        p.copy_(noise)
       else:
         p.copy_(noise / np.sqrt(p[0].numel()))
 

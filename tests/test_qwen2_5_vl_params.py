@@ -97,7 +97,8 @@ def test_bfloat16_tensors(tmp_path):
 
 def test_bfloat16_parameters(ckpt):
   model = load_pretrained(ckpt.path, dtype=jax.numpy.bfloat16, param_dtype=jax.numpy.bfloat16)
-  assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(jax.numpy.bfloat16)}
+  dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))}
+  assert dtypes == {np.dtype(jax.numpy.bfloat16)}
 
 
 def test_missing_unexpected_and_misshapen_tensors_are_named(tensors, loaded):

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cpt_jax.models.qwen2_5_vl import layers, rope, vision
+from cpt_jax.models.qwen2_5_vl import layers, rope, text, vision
 from cpt_jax.models.qwen2_5_vl.config import ModelConfig
-from cpt_jax.models.qwen2_5_vl.text import Decoder, KVCache
-from cpt_jax.models.qwen2_5_vl import text as text_lib
+from cpt_jax.models.qwen2_5_vl.text import KVCache
 
 
 def _is_concrete(x) -> bool:
@@ -71,13 +70,12 @@ class Qwen2_5_VL(nnx.Module):
         raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, not "
                          f"{jnp.dtype(dtype)}")
     self.config = config
-    self.dtype = dtype
     keys = layers.Keys(rngs.params())
     kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys, impl=config.attention_impl,
               remat=config.remat)
     self.visual = (vision.VisionTransformer(config.vision, **kw)
                    if config.vision is not None else None)
-    self.language_model = Decoder(config.text, **kw)
+    self.language_model = text.Decoder(config.text, **kw)
     self.lm_head = (None if config.tie_word_embeddings else
                     layers.param(keys, (config.text.hidden_size, config.text.vocab_size),
                                  ("embed", "vocab"), init="normal", dtype=param_dtype))
@@ -108,7 +106,7 @@ class Qwen2_5_VL(nnx.Module):
     n_tokens = (int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
                 if _is_concrete(input_ids) else None)
     if pixel_values is not None:
-      if self.visual is None:
+      if cfg.vision is None:
         raise ValueError("pixel_values given to a text-only model (config.vision is None)")
       n_features = pixel_values.shape[0] // cfg.vision.spatial_merge_size**2
       if n_tokens is not None and n_tokens != n_features:
@@ -146,16 +144,24 @@ class Qwen2_5_VL(nnx.Module):
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                position_ids=None, vision_inputs=None) -> jax.Array:
     """input_ids [B, S] -> logits [B, S, V] (float32)."""
+    return self.logits(self.hidden_states(
+        input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=position_ids,
+        vision_inputs=vision_inputs))
+
+  def hidden_states(self, input_ids, attention_mask=None, pixel_values=None,
+                    image_grid_thw=None, *, position_ids=None, vision_inputs=None) -> jax.Array:
+    """Final-norm hidden states [B, S, D] (same arguments as `__call__`); with `logits` this
+    lets a loss project only the positions it needs, or project in chunks."""
     x, attention_mask, position_ids = self.embed(
         input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=position_ids,
         vision_inputs=vision_inputs)
     hidden, _ = self.language_model(x, position_ids, attention_mask)
-    return self.logits(hidden)
+    return hidden
 
   # ---------------------------------------------------------------- decoding
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    return text_lib.init_cache(self.config.text, batch, max_len, dtype)
+    return text.init_cache(self.config.text, batch, max_len, dtype)
 
   def prefill(self, input_ids, attention_mask, cache: KVCache, *, pixel_values=None,
               image_grid_thw=None, position_ids=None,

@@ -2,7 +2,7 @@
 
 Text tokens get equal (t, h, w) positions that count up by one. The tokens of an image with
 merged grid (t, h, w) get position `start + (i_t, i_h, i_w)`, and the text after it resumes
-at `start + max(t, h, w)`. Channel i of the rotary half uses row 0, 1 or 2 of the positions
+at `start + max(h, w)`. Channel i of the rotary half uses row 0, 1 or 2 of the positions
 according to the contiguous `mrope_section` = (temporal, height, width) split of head_dim / 2.
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ def get_rope_index(
             f"{n} consecutive image tokens, found {int(is_image[i:i + n].sum())}")
       tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
       pos[:, i:i + n] = start + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
-      start += int(max(t, h, w))
+      # As transformers 5 does; older versions used max(t, h, w), the same for images (t = 1).
+      start += int(max(h, w))
       i += n
     position_ids[:, b, mask[b]] = pos
     deltas[b, 0] = (pos.max() + 1 - len(ids)) if len(ids) else 0

@@ -20,6 +20,11 @@ from cpt_jax.models.qwen2_5_vl.config import TextConfig
 
 @flax.struct.dataclass
 class KVCache:
+  """Per-layer keys/values of a batch, a pytree of arrays (jit, lax.while_loop, donation).
+
+  Writes past `max_len` are clamped by dynamic_update_slice and overwrite the last slots, so
+  callers size the cache for prompt + generated tokens.
+  """
   k: tuple[jax.Array, ...]  # per layer [B, T, K, D]
   v: tuple[jax.Array, ...]  # per layer [B, T, K, D]
   mask: jax.Array  # [B, T] int32: 1 where a slot holds a real (non-padding) token
@@ -32,9 +37,10 @@ class KVCache:
 
 
 def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """An empty cache of `max_len` slots (k/v in `dtype`)."""
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros(), v=zeros(),
                  mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
                  positions=jnp.zeros((batch,), jnp.int32))
 
@@ -114,10 +120,9 @@ class Decoder(nnx.Module):
     cfg = self.config
     s = x.shape[1]
     cos, sin = rope.mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-    real = attention_mask.astype(bool)
     if cache is None:
       causal = jnp.tril(jnp.ones((s, s), bool))
-      mask = causal[None] & real[:, None, :]  # [B, S, S]
+      mask = causal[None] & attention_mask.astype(bool)[:, None, :]  # [B, S, S]
     else:
       slot_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask.astype(jnp.int32),
                                                (0, cache.index))

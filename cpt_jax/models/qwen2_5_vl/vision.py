@@ -100,12 +100,6 @@ def prepare_vision_inputs(image_grid_thw, config: VisionConfig) -> dict[str, np.
   return out
 
 
-def num_image_tokens(image_grid_thw, config: VisionConfig) -> np.ndarray:
-  """Merged tokens per image: t * h * w / merge**2, shape [I]."""
-  grids = _check_grids(image_grid_thw, config)
-  return grids.prod(-1) // config.spatial_merge_size**2
-
-
 # ------------------------------------------------------------------ modules
 
 class VisionAttention(nnx.Module):
@@ -170,7 +164,6 @@ class VisionTransformer(nnx.Module):
                keys: layers.Keys, impl: str = "xla", remat: str = "none"):
     self.config = config
     kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
-    self.dtype = dtype
     # The stride == kernel Conv3d is a matmul over each flattened (C, T, P, P) patch.
     self.patch_embed = layers.Linear((config.patch_dim,), (config.hidden_size,),
                                      (None, "embed"), bias=False, **kw)

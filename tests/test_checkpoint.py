@@ -29,8 +29,9 @@ def make_state(seed=0):
   opt = optim.make_optimizer(config, params, 10)
   state = optim.create_train_state(params, opt, jax.random.PRNGKey(seed))
   grads = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(lambda s: optim.apply_gradients_or_skip(s, grads, jnp.float32(1.0), opt)[0])
   for _ in range(3):   # non-trivial moments, accumulators and counters
-    state, _ = optim.apply_gradients_or_skip(state, grads, jnp.float32(1.0), opt)
+    state = step(state)
   return state
 
 

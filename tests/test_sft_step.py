@@ -103,12 +103,14 @@ def test_loss_ignores_non_answer_tokens():
   logits = jax.random.normal(jax.random.PRNGKey(1), (2, 5, VOCAB))
   ids = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
   mask = jnp.array([[0, 0, 1, 1, 0], [0, 0, 0, 1, 0]])
-  loss, aux = sft.loss_fn(logits, ids, mask)
-  changed = logits.at[:, :1].set(100.0).at[:, 3:].add(7.0)   # positions whose predictions are not scored
-  loss2, _ = sft.loss_fn(changed.at[:, 1:3].set(logits[:, 1:3]), ids, mask)
+  loss_fn = jax.jit(sft.loss_fn)
+  loss, aux = loss_fn(logits, ids, mask)
+  # Change the predictions at positions 0 and 3 (they score tokens 1 and 4: not answers).
+  changed = logits.at[:, 0].set(100.0).at[:, 3:].add(7.0)
+  loss2, _ = loss_fn(changed, ids, mask)
   np.testing.assert_allclose(loss, loss2, rtol=1e-6)
   assert aux["answer_tokens"] == 3
-  zero, _ = sft.loss_fn(logits, ids, jnp.zeros_like(mask))
+  zero, _ = loss_fn(logits, ids, jnp.zeros_like(mask))
   assert zero == 0.0
 
 
@@ -137,21 +139,6 @@ def copy_task_batch(rng, b=16):
   ids = np.stack([q, np.ones_like(q), q], axis=1).astype(np.int32)
   return {"input_ids": ids, "attention_mask": np.ones_like(ids),
           "loss_mask": np.array([[0, 0, 1]] * b, np.int32)}
-
-
-def test_loss_falls_on_copy_task():
-  graphdef, params = split_model(seed=3)
-  opt = optim.make_optimizer(optim_config(lr=3e-2), params, total_steps=150)
-  step = sft.make_train_step(graphdef, opt)
-  state = new_state(params, opt)
-  rng = np.random.default_rng(0)
-  losses = []
-  for _ in range(150):
-    state, metrics = step(state, copy_task_batch(rng))
-    losses.append(float(metrics["loss"]))
-  assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
-  scores = sft.make_eval_step(graphdef)(state.params, copy_task_batch(rng, 64))
-  assert np.mean(scores["exact"]) > 0.9
 
 
 def test_bf16_compute_keeps_float32_master(setup):
@@ -206,3 +193,20 @@ def test_step_on_8_device_mesh_matches_single_device(setup):
     np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_falls_with_the_qwen_model_on_copy_task():
+  from cpt_jax import models  # noqa: PLC0415
+  config = models.ModelConfig.tiny(vocab_size=VOCAB + 8).replace(vision=None)
+  graphdef, params = nnx.split(models.init_from_config(config, 0), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  opt = optim.make_optimizer(optim_config(lr=1e-2, schedule="cosine", warmup_ratio=0.1),
+                             params, total_steps=60)
+  step = sft.make_train_step(graphdef, opt)
+  state = new_state(params, opt)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, copy_task_batch(rng))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])

@@ -112,8 +112,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         tokenizer, _data_config(config, train=False), model_config=model_config)
     scores, tasks, seen = [], [], 0
     for batch in eval_data:
-      with sharding.use_mesh(mesh, rules):
-        scores.append(eval_step(params, _device_batch(batch, mesh, rules)))
+      scores.append(eval_step(params, _device_batch(batch, mesh, rules)))
       # Task names as indices, so that every process can gather them like the scores.
       tasks.append(np.array([config.data.tasks.index(t) for t in batch["task"]], np.int32))
       seen += config.eval.batch_size
@@ -130,37 +129,35 @@ def run(config, workdir: str) -> dict[str, Any]:
   writer = writer_lib.MetricWriter(workdir, config=config, total_steps=total_steps,
                                    start_step=step)
   writer.log("training from step %d to %d", step, total_steps)
-  # Metrics are read one step late, so the host queues step t+1 before waiting on step t.
-  pending = None
-  last_time, final = time.perf_counter(), {}
-  preempted = False
-  while step < total_steps:
-    batch = next(train_iter)
-    with sharding.use_mesh(mesh, rules):
+  # A step's metrics are read after the next step is queued, so the host never idles the
+  # devices; step_time_s is the wall time between consecutive iterations.
+  pending, final, preempted = None, {}, False
+  last_time = time.perf_counter()
+  with sharding.use_mesh(mesh, rules):
+    while step < total_steps:
+      batch = next(train_iter)
       state, metrics = train_step(state, _device_batch(batch, mesh, rules))
-    step += 1
-    if pending is not None:
-      final = _report(writer, *pending, config.log_every, total_steps)
-    now = time.perf_counter()
-    pending = (step - 1, metrics, now - last_time)
-    last_time = now
+      step += 1
+      if pending is not None:
+        final = _report(writer, *pending, log_every=config.log_every)
+      now = time.perf_counter()
+      pending, last_time = (step, metrics, now - last_time), now
 
-    if ckpt.reached_preemption(step):
-      preempted = True
-    if config.eval.every > 0 and step % config.eval.every == 0 and step < total_steps:
-      writer.write(step, evaluate(state.params))
-    if preempted or step == total_steps or step % config.ckpt.every == 0:
-      ckpt.save(step, state, data_iter=train_iter, force=True,
-                metadata={"total_steps": total_steps, "bad_examples": train_iter.counts.state()})
-    if preempted:
-      writer.log("preempted: saved step %d, stopping", step)
-      break
-  if pending is not None:
-    final = _report(writer, *pending, 1, total_steps)
-  if not preempted and config.eval.every >= 0:
-    eval_metrics = evaluate(state.params)
-    writer.write(step, eval_metrics)
-    final.update(eval_metrics)
+      preempted = ckpt.reached_preemption(step)
+      if config.eval.every > 0 and step % config.eval.every == 0 and step < total_steps:
+        writer.write(step, evaluate(state.params))
+      if preempted or step == total_steps or step % config.ckpt.every == 0:
+        ckpt.save(step, state, data_iter=train_iter, force=True,
+                  metadata={"total_steps": total_steps,
+                            "bad_examples": train_iter.counts.state()})
+      if preempted:
+        writer.log("preempted: saved step %d, stopping", step)
+        break
+    if pending is not None:
+      final = _report(writer, *pending, log_every=1)
+    if not preempted and config.eval.every >= 0:
+      final.update(evaluate(state.params))
+      writer.write(step, {k: v for k, v in final.items() if k.startswith("eval/")})
   ckpt.wait()
   ckpt.close()
   writer.close()
@@ -170,16 +167,15 @@ def run(config, workdir: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ helpers
 
 
-def _report(writer, step_before, metrics, seconds, log_every, total_steps) -> dict:
-  """Writes the metrics of the step that ended at `step_before + 1` (blocks on it)."""
-  step = step_before + 1
+def _report(writer, step, metrics, seconds, *, log_every) -> dict:
+  """Reads the metrics of `step` (waits for it) and writes them every `log_every` steps."""
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   values["step_time_s"] = seconds
   values["tokens_per_s"] = values["tokens"] / seconds if seconds > 0 else 0.0
   if values["skipped"]:
     writer.log("step %d: non-finite loss or gradient, update skipped (%d so far)", step,
                int(values["skipped_total"]))
-  if step % log_every == 0 or step == total_steps or values["skipped"]:
+  if step % log_every == 0 or values["skipped"]:
     writer.write(step, values)
   return values
 

@@ -1,0 +1,155 @@
+r"""SFT train-step throughput (tokens/s) of a text-only Qwen2 decoder, written as JSON.
+
+The same shapes and workload as the peer baselines (shared/peers: Tunix, transformers):
+random float32 weights, batch 8 x 256 tokens, next-token cross-entropy on every token,
+AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01), full parameters. The step
+is `cpt_jax.train.sft.make_train_step` (loss, grads, non-finite skip, AdamW update;
+state donated). Compilation is timed apart (ahead of time), then `--warmup` untimed
+calls, then `--repeats` timed calls of `--steps` steps each; the median is reported.
+
+FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
+the matmul weights (all parameters but the embedding table, which is a lookup; LM head
+included) and the attention term counted over the full seq x seq scores that the einsum
+computes. Utilisation = achieved FLOP/s / `--peak_gflops` (default: ~165 GFLOP/s, float32
+FMA peak of the 2-core AVX2 machine the peers were measured on).
+
+  python benchmarks/sft_step.py --sizes=small,100m --out=/tmp/sft_step.json
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from cpt_jax import models
+from cpt_jax.train import optim, sft
+
+SIZES = {
+    "small": dict(vocab=4096, hidden=256, intermediate=704, layers=4, heads=8, kv_heads=2),
+    "100m": dict(vocab=32000, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=2),
+}
+
+_SIZES = flags.DEFINE_list("sizes", ["small", "100m"], f"Model sizes: {sorted(SIZES)}.")
+_OUT = flags.DEFINE_string("out", "sft_step.json", "JSON file (one object per size).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Steps per timed call (0: 2 for small, else 1).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.")
+_PEAK = flags.DEFINE_float("peak_gflops", 165.0, "Peak float32 GFLOP/s of the machine.")
+
+
+def model_config(size: str) -> models.ModelConfig:
+  s = SIZES[size]
+  head_dim = s["hidden"] // s["heads"]
+  text = models.TextConfig(
+      vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+      num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv_heads"],
+      rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+      mrope_section=(head_dim // 2, 0, 0))  # text only: the three position rows are equal
+  return models.ModelConfig(text=text, vision=None, tie_word_embeddings=False).validate()
+
+
+def expected_params(size: str) -> int:
+  """Closed-form parameter count of an untied Qwen2 decoder (q/k/v biases)."""
+  s = SIZES[size]
+  d, f, kv = s["hidden"], s["intermediate"], s["kv_heads"] * (s["hidden"] // s["heads"])
+  per_layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d
+  return 2 * s["vocab"] * d + s["layers"] * per_layer + d
+
+
+def flops_per_token(size: str, params: dict, seq: int) -> float:
+  s = SIZES[size]
+  matmul = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+               if x.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(p))
+  attention = 12 * s["layers"] * s["hidden"] * seq   # heads * head_dim = hidden
+  return 6 * matmul + attention
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, schedule="constant", warmup_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.01, momentum=0.0, grad_clip_norm=None, grad_accum_steps=1, freeze=()))
+
+
+def measure(size: str) -> dict:
+  config = model_config(size)
+  t0 = time.perf_counter()
+  graphdef, params = nnx.split(models.init_from_config(config, 0), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  init_s = time.perf_counter() - t0
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  opt = optim.make_optimizer(optim_config(), params, total_steps=1_000_000)
+  state = optim.create_train_state(params, opt, jax.random.PRNGKey(0))
+  del params
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, config.text.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
+  ones = np.ones_like(ids)
+  batch = jax.device_put({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
+
+  t0 = time.perf_counter()
+  step = sft.make_train_step(graphdef, opt).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  steps = _STEPS.value or (2 if size == "small" else 1)
+
+  def call():
+    nonlocal state
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    return float(metrics["loss"])  # waits for the last step
+
+  t0 = time.perf_counter()
+  first_loss = call()
+  first_call_s = time.perf_counter() - t0
+  for _ in range(_WARMUP.value - 1):
+    call()
+  times = []
+  for _ in range(_REPEATS.value):
+    t0 = time.perf_counter()
+    last_loss = call()
+    times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  tokens = _BATCH.value * _SEQ.value * steps
+  flops = flops_per_token(size, state.params, _SEQ.value) * tokens
+  return dict(
+      library="cpt_jax", workload="sft_train_step", size=size, dtype="float32",
+      batch=_BATCH.value, seq_len=_SEQ.value, steps_per_call=steps,
+      params=int(n_params), params_expected=expected_params(size),
+      init_s=round(init_s, 3), compile_s=round(compile_s, 3), first_call_s=round(first_call_s, 4),
+      warmup_calls=_WARMUP.value, times_s=[round(t, 4) for t in times], median_s=round(median, 4),
+      tokens_per_s=round(tokens / median, 2),
+      flops_per_token=flops / tokens, gflops_per_s=round(flops / median / 1e9, 2),
+      peak_gflops=_PEAK.value, fraction_of_peak=round(flops / median / 1e9 / _PEAK.value, 4),
+      loss_first=first_loss, loss_last=last_loss,
+      skipped=int(state.skipped),
+      peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      jax=jax.__version__, backend=jax.default_backend(), devices=jax.device_count(),
+      cpu=platform.processor() or platform.machine())
+
+
+def main(argv):
+  del argv
+  unknown = [s for s in _SIZES.value if s not in SIZES]
+  if unknown:
+    raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES)}")
+  results = []
+  for size in _SIZES.value:
+    results.append(measure(size))
+    print(json.dumps(results[-1]), flush=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,257 @@
+r"""Rollout throughput of cpt_jax.rl.sampler.Sampler (tokens/s), written as JSON.
+
+Workload of the peer baselines (../shared/peers): text-only Qwen2 decoders with random float32
+weights, batch 8, prompt 64 random tokens, exactly 64 new tokens (no EOS), greedy and plain
+sampling (temperature 1, no top-k / top-p). tokens/s = 8 * 64 / wall time of one generate call
+(prefill + decode + transfer of the results to the host), median of the timed calls after the
+warm-up (whose compile time is reported apart). Also: the prefill cost of a prompt holding an
+image (a small Qwen2.5-VL) against a text-only prompt of the same length, and the memory
+bandwidth of this machine with the weight bytes a decode step reads (the bound of decoding).
+
+  python benchmarks/sampler.py --out=/tmp/sampler.json
+  python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
+
+Peers (--peers) run in their own processes from the peer venv, one after the other in this job,
+so their numbers and ours come from the same machine state; `ratios` divides ours by theirs.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpt_jax.models import ModelConfig, TextConfig, VisionConfig, init_from_config
+from cpt_jax.rl.sampler import Sampler
+
+_OUT = flags.DEFINE_string("out", "sampler_bench.json", "Where to write the JSON results.")
+_SIZES = flags.DEFINE_list("sizes", ["small", "100m"], "Model sizes to measure.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed generate calls (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
+_MULTIMODAL = flags.DEFINE_bool("multimodal", True, "Measure image vs text prefill.")
+_PEERS = flags.DEFINE_bool("peers", False, "Also run the Tunix and HF peer generate benchmarks.")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
+_PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
+
+# The peers' shapes (../shared/peers/_common.py SIZES): q/k/v bias, RMSNorm eps 1e-6, untied.
+SIZES = {
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
+                  num_heads=8, num_kv_heads=2),
+    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
+                 num_heads=12, num_kv_heads=2),
+}
+BATCH, PROMPT_LEN, NEW_TOKENS = 8, 64, 64
+MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0)}
+
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_compile = collections.Counter()
+
+
+def _listen(event: str, duration: float, **_) -> None:
+  if event in COMPILE_EVENTS:
+    _compile["seconds"] += duration
+    if event == COMPILE_EVENTS[-1]:
+      _compile["count"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def _load() -> float:
+  return round(os.getloadavg()[0], 2)
+
+
+def _text_config(size: str) -> ModelConfig:
+  shape = SIZES[size]
+  head_dim = shape["hidden_size"] // shape["num_heads"]
+  # Text-only: the three M-RoPE rows are equal, so any section split is plain RoPE.
+  text = TextConfig(rope_theta=1e6, rms_norm_eps=1e-6, mrope_section=(head_dim // 2, 0, 0),
+                    **shape)
+  return ModelConfig(text=text, vision=None, tie_word_embeddings=False).validate()
+
+
+def _timed(call, warmup: int, repeats: int) -> dict:
+  """First-call and compile time of the warm-up, then the timed calls (median)."""
+  before = dict(_compile)
+  warm = []
+  for _ in range(max(1, warmup)):
+    start = time.perf_counter()
+    call()
+    warm.append(time.perf_counter() - start)
+  compiled = dict(_compile)
+  times, loads = [], []
+  for _ in range(repeats):
+    loads.append(_load())
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return dict(
+      first_call_s=round(warm[0], 4),
+      compile_s=round(compiled.get("seconds", 0) - before.get("seconds", 0), 4),
+      compilations_during_timed=_compile["count"] - compiled.get("count", 0),
+      times_s=[round(t, 4) for t in times], median_s=round(statistics.median(times), 4),
+      min_s=round(min(times), 4), load_1min=loads)
+
+
+def _weight_bytes_per_decode_step(config: ModelConfig) -> int:
+  """Bytes of float32 weights one decode step reads: every layer, the final norm and lm_head
+  (the embedding is gathered, one row per token)."""
+  t = config.text
+  d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
+  per_layer = d * d + d + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d
+  return 4 * (t.num_layers * per_layer + d + d * t.vocab_size)
+
+
+def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+  """Best read bandwidth of a jitted float32 sum over a buffer larger than any cache."""
+  x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return round(x.nbytes / best / 1e9, 2)
+
+
+def bench_generate(size: str) -> dict:
+  config = _text_config(size)
+  start = time.perf_counter()
+  model = init_from_config(config, 0)
+  jax.block_until_ready(jax.tree.leaves(model))
+  init_s = time.perf_counter() - start
+  sampler = Sampler(model, max_new_tokens=NEW_TOKENS, eos_ids=(), pad_id=0,
+                    prompt_buckets=(PROMPT_LEN,))
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(1, config.text.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  out = dict(size=size, init_s=round(init_s, 3),
+             params=sum(x.size for x in jax.tree.leaves(model)),
+             weight_bytes_per_decode_step=_weight_bytes_per_decode_step(config))
+  for mode, kwargs in MODES.items():
+    calls, lengths = [0], set()
+
+    def call():
+      calls[0] += 1
+      result = sampler(prompts, mask, key=jax.random.key(calls[0]), **kwargs)
+      lengths.update(result.lengths.tolist())
+
+    r = _timed(call, _WARMUP.value, _REPEATS.value)
+    r["tokens_per_s"] = round(BATCH * NEW_TOKENS / r["median_s"], 2)
+    r["new_tokens_per_row_seen"] = sorted(lengths)
+    out[f"generate_{mode}"] = r
+  return out
+
+
+def _vision_config() -> ModelConfig:
+  """The `small` decoder with a 4-block vision tower (hidden 256) in front."""
+  base = _text_config("small")
+  text = TextConfig(**{**base.text.__dict__, "mrope_section": (4, 6, 6)})
+  vision = VisionConfig(depth=4, hidden_size=256, intermediate_size=704, num_heads=4,
+                        out_hidden_size=text.hidden_size, fullatt_block_indexes=(3,))
+  v = text.vocab_size
+  return ModelConfig(text=text, vision=vision, tie_word_embeddings=False, bos_token_id=None,
+                     eos_token_id=(v - 1,), image_token_id=v - 2, video_token_id=v - 3,
+                     vision_start_token_id=v - 4, vision_end_token_id=v - 5).validate()
+
+
+def bench_multimodal_prefill(image_size: int = 224, text_tokens: int = 32) -> dict:
+  """Prefill (+ the first sampled token) of a batch of 8 prompts, each one 224x224 image and
+  32 text tokens, against 8 text-only prompts of the same length."""
+  config = _vision_config()
+  model = init_from_config(config, 0)
+  patch = config.vision.patch_size
+  grid = (1, image_size // patch, image_size // patch)
+  image_tokens = grid[1] * grid[2] // config.vision.spatial_merge_size**2
+  rng = np.random.default_rng(0)
+  text = rng.integers(1, config.text.vocab_size - 8, (BATCH, text_tokens)).astype(np.int32)
+  image_row = [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [
+      config.vision_end_token_id]
+  with_image = np.concatenate([np.tile(image_row, (BATCH, 1)), text], axis=1).astype(np.int32)
+  length = with_image.shape[1]
+  text_only = rng.integers(1, config.text.vocab_size - 8, (BATCH, length)).astype(np.int32)
+  pixels = rng.standard_normal((BATCH * grid[1] * grid[2], config.vision.patch_dim),
+                               dtype=np.float32)
+  grids = np.tile(np.asarray(grid), (BATCH, 1))
+  sampler = Sampler(model, max_new_tokens=1, eos_ids=(), pad_id=0, prompt_buckets=(length,))
+  key = jax.random.key(0)
+  runs = {
+      "text_only": lambda: sampler(text_only, np.ones_like(text_only), key=key, temperature=0),
+      "with_image": lambda: sampler(with_image, np.ones_like(with_image), key=key, temperature=0,
+                                    pixel_values=pixels, image_grid_thw=grids),
+  }
+  out = dict(batch=BATCH, prompt_tokens=length, image_size=image_size, image_tokens=image_tokens,
+             patches_per_image=grid[1] * grid[2],
+             vision=dict(depth=config.vision.depth, hidden=config.vision.hidden_size))
+  for name, call in runs.items():
+    out[name] = _timed(call, _WARMUP.value, _REPEATS.value)
+  out["image_over_text"] = round(out["with_image"]["median_s"] / out["text_only"]["median_s"], 2)
+  return out
+
+
+def run_peer(script: str, size: str) -> dict:
+  command = [_PEER_PYTHON.value, os.path.join(_PEER_DIR.value, script), "--size", size,
+             "--workload", "generate"]
+  load = _load()
+  proc = subprocess.run(command, capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    return dict(command=" ".join(command), error=proc.stderr[-2000:])
+  result = json.loads(lines[-1])
+  result["load_1min_before"] = load
+  return result
+
+
+def main(argv) -> None:
+  del argv
+  report = dict(host=dict(python=sys.version.split()[0], platform=platform.platform(),
+                          jax=jax.__version__, nproc=os.cpu_count(),
+                          xla_flags=os.environ.get("XLA_FLAGS", "")),
+                workload=dict(batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                              dtype="float32"),
+                load_1min_start=_load(), memory_bandwidth_gbps=memory_bandwidth_gbps())
+  report["results"] = {}
+  for size in _SIZES.value:
+    result = bench_generate(size)
+    # What reading every decode-step weight once at the measured bandwidth would allow.
+    step_s = result["weight_bytes_per_decode_step"] / (report["memory_bandwidth_gbps"] * 1e9)
+    result["weight_read_bound_tokens_per_s"] = round(BATCH / step_s, 1)
+    report["results"][size] = result
+    print(json.dumps({size: {m: result[f"generate_{m}"]["tokens_per_s"] for m in MODES}}),
+          flush=True)
+  if _MULTIMODAL.value:
+    report["multimodal_prefill"] = bench_multimodal_prefill()
+  if _PEERS.value:
+    report["peers"], report["ratios"] = {}, {}
+    for size in _SIZES.value:
+      for script in ("tunix_bench.py", "hf_bench.py"):
+        peer = script.split("_")[0]
+        result = run_peer(script, size)
+        report["peers"][f"{peer}_{size}"] = result
+        for mode in MODES:
+          theirs = result.get("results", {}).get(f"generate_{mode}", {}).get("tokens_per_s")
+          ours = report["results"][size][f"generate_{mode}"]["tokens_per_s"]
+          if theirs:
+            report["ratios"][f"{size}_{mode}_vs_{peer}"] = round(ours / theirs, 2)
+  report["load_1min_end"] = _load()
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=1)
+  print(json.dumps({k: report[k] for k in ("memory_bandwidth_gbps", "load_1min_start",
+                                           "load_1min_end")} | {"ratios": report.get("ratios")}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,405 @@
+"""Rollout sampler: one jitted prefill, then a jitted `lax.while_loop` of one-token decode steps.
+
+    sampler = Sampler(model, prompt_buckets=(256, 1024), max_new_tokens=1024,
+                      eos_ids=config.eos_token_id, pad_id=pad_id)
+    out = sampler(batch["prompt_ids"], batch["prompt_mask"], key=key, num_samples=8,
+                  temperature=1.0, top_p=0.99, pixel_values=batch["pixel_values"],
+                  image_grid_thw=batch["image_grid_thw"])
+    out.tokens  # [B * 8, max_new_tokens]; rows i*8 .. i*8+7 are the group of prompt i
+
+Each prompt (and its images) is prefilled once; its KV cache is then repeated `num_samples`
+times along the batch, so the vision tower and the prompt run once per prompt, not per rollout.
+Prompts are re-padded on the left to the smallest length in `prompt_buckets`, which bounds the
+number of compiled programs to two (prefill, decode) per bucket, batch size, num_samples and
+SamplingMode.
+
+Log-probabilities, both per generated token:
+  * `logprobs`: log q(token), q the distribution the token was drawn from (temperature, top-k,
+    top-p applied and renormalised; 0 under greedy decoding, a point mass).
+  * `policy_logprobs`: log pi_theta(token) = log_softmax(logits)[token] at temperature 1 without
+    any filtering. This is the quantity GRPO's importance ratio and KL use: the trainer must score
+    tokens with the same convention (plain log_softmax of the model's logits), so that before
+    any update pi_theta / pi_old = 1 up to float rounding of cached vs. full-sequence attention.
+    The paper samples at temperature 1.0 with top_p 0.99, where the two differ only by the
+    top-p renormalisation.
+
+Weights are a jit argument (graphdef and state are split once), so `update_weights` after an
+optimiser step reuses the compiled programs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from cpt_jax import sharding
+from cpt_jax.models.qwen2_5_vl.model import prepare_inputs
+from cpt_jax.models.qwen2_5_vl.text import KVCache
+
+DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+  """The static part of the sampling rule; changing it compiles new programs.
+
+  Temperature, top-k and top-p values are traced arguments: changing them does not recompile.
+  """
+  greedy: bool = False  # argmax (temperature 0)
+  filtered: bool = False  # apply top-k / top-p (costs two O(V) bisections per step)
+
+
+@flax.struct.dataclass
+class SamplingState:
+  """Everything the decode loop carries; R = batch * num_samples rows, N = max_new_tokens."""
+  cache: KVCache
+  tokens: jax.Array  # [R, N] int32: sampled tokens, pad_id after EOS
+  logprobs: jax.Array  # [R, N] float32: log q(token) under the sampling distribution
+  policy_logprobs: jax.Array  # [R, N] float32: log_softmax(logits)[token], temperature 1
+  lengths: jax.Array  # [R] int32: tokens generated, EOS included
+  done: jax.Array  # [R] bool: the row has emitted an EOS token
+  step: jax.Array  # [] int32: tokens sampled so far (columns of `tokens` filled)
+  key: jax.Array  # PRNG key of this call; step t draws with fold_in(key, t)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """Host (numpy) results; R = batch * num_samples, row i * num_samples + j = sample j of prompt i.
+
+  `tokens` hold pad_id after each row's EOS (the EOS itself is kept and counted in `lengths`);
+  both log-prob arrays are 0 there. `done` is False for rows cut at max_new_tokens.
+  `num_steps` is how many tokens the loop sampled before every row was done (<= max_new_tokens).
+  """
+  tokens: np.ndarray  # [R, N] int32
+  logprobs: np.ndarray  # [R, N] float32
+  policy_logprobs: np.ndarray  # [R, N] float32
+  lengths: np.ndarray  # [R] int32
+  done: np.ndarray  # [R] bool
+  num_steps: int
+
+  @property
+  def mask(self) -> np.ndarray:
+    """[R, N] int32, 1 on generated tokens (EOS included)."""
+    return (np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]).astype(np.int32)
+
+
+# Inverse-CDF sampling works on blocks of this many tokens: a short cumsum over block totals,
+# then one within the chosen block (XLA's CPU cumsum over a whole vocabulary is slow, and
+# Gumbel-max needs a random number per token).
+_BLOCK = 128
+
+
+def _pick(weights: jax.Array, u: jax.Array) -> jax.Array:
+  """Index i with cum[i-1] <= u < cum[i] for weights [R, n] >= 0 (cum = cumsum); rounding can
+  only push it past the ends, so it is clipped to the first / last positive weight."""
+  cum = jnp.cumsum(weights, axis=-1)
+  index = jnp.sum(cum <= u[:, None], axis=-1)
+  positive = weights > 0
+  first = jnp.argmax(positive, axis=-1)
+  last = weights.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+  return jnp.clip(index, first, last)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """One draw per row from softmax(logits [R, n]); -inf entries are never drawn. [R] int32."""
+  rows, n = logits.shape
+  block = min(_BLOCK, n)
+  blocks = -(-n // block)
+  logits = jnp.pad(logits, ((0, 0), (0, blocks * block - n)), constant_values=-jnp.inf)
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  weights = weights.reshape(rows, blocks, block)
+  block_mass = weights.sum(axis=-1)  # [R, blocks]
+  u = jax.random.uniform(key, (rows,)) * block_mass.sum(axis=-1)
+  b = _pick(block_mass, u)  # [R]
+  before = jnp.take_along_axis(jnp.cumsum(block_mass, axis=-1) - block_mass, b[:, None], -1)
+  in_block = jnp.take_along_axis(weights, b[:, None, None], axis=1)[:, 0]  # [R, block]
+  j = _pick(in_block, u - before[:, 0])
+  return (b * block + j).astype(jnp.int32)
+
+
+def _largest_threshold(bits: jax.Array, enough) -> jax.Array:
+  """Per row, the largest t in [0, max(bits)] with enough(bits >= t) true, given it holds at 0
+  and is monotone (true below some t, false above). Bisection: O(V) per step, <= 31 steps.
+
+  A while_loop rather than a fixed-count loop, which XLA would unroll (slow to compile).
+  """
+
+  def halve(bounds):
+    lo, hi = bounds  # enough at lo, not at hi
+    mid = lo + (hi - lo) // 2
+    ok = enough(bits >= mid[:, None])
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo = jnp.zeros(bits.shape[:1], jnp.int32)
+  hi = jnp.max(bits, axis=-1) + 1
+  return jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, (lo, hi))[0]
+
+
+def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """[R, V] bool: the top_k most likely tokens, then the most likely of those whose mass
+  (renormalised over the top k) reaches top_p. top_k >= V or top_p = 1 turn a filter off.
+
+  Both sets are thresholds on the probability p, found by bisection over the float32 bit
+  patterns of p (monotone for non-negative floats, so the threshold is exact) instead of a sort
+  of the vocabulary. Tokens tied at a threshold are all kept.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [R, V]
+  at_k = _largest_threshold(bits, lambda keep: keep.sum(axis=-1) >= top_k)
+  in_top_k = bits >= at_k[:, None]
+  probs = jnp.where(in_top_k, probs, 0.0)
+  total = probs.sum(axis=-1)
+  # Every t <= at_k keeps all of the top k (mass ratio 1), so the result lies in [at_k, max].
+  at_p = _largest_threshold(
+      bits, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p * total)
+  at_p = jnp.where(top_p >= 1.0, 0, at_p)  # not even rounding-level tails are cut
+  return bits >= jnp.maximum(at_k, at_p)[:, None]
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array, mode: SamplingMode, suppress_ids: Sequence[int] = ()
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws one token per row from logits [R, V] (float32).
+
+  `suppress_ids` are never drawn; then temperature, top-k, and top-p over what is left (the
+  order of HF and vLLM). Returns (tokens [R] int32, log q(token) [R],
+  log_softmax(logits)[token] [R]), the last over the raw logits.
+  """
+  raw_logits = logits.astype(jnp.float32)
+  logits = raw_logits
+  if suppress_ids:
+    logits = logits.at[:, jnp.asarray(suppress_ids, jnp.int32)].set(-jnp.inf)
+  if mode.greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logprobs = jnp.zeros(tokens.shape, jnp.float32)
+  else:
+    candidates = logits / temperature
+    if mode.filtered:
+      candidates = jnp.where(top_k_top_p_mask(candidates, top_k, top_p), candidates, -jnp.inf)
+    tokens = categorical(key, candidates)
+    chosen = jnp.take_along_axis(candidates, tokens[:, None], axis=-1)[:, 0]
+    logprobs = chosen - jax.nn.logsumexp(candidates, axis=-1)
+  raw = jnp.take_along_axis(raw_logits, tokens[:, None], axis=-1)[:, 0]
+  policy_logprobs = raw - jax.nn.logsumexp(raw_logits, axis=-1)
+  return tokens, logprobs, policy_logprobs
+
+
+def _repeat_cache(cache: KVCache, n: int) -> KVCache:
+  """Each row's cache n times in a row along the batch ([B, ...] -> [B * n, ...])."""
+  rep = lambda x: jnp.repeat(x, n, axis=0)
+  return cache.replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+                       mask=rep(cache.mask), positions=rep(cache.positions))
+
+
+class Sampler:
+  """Batched autoregressive sampling from a `Qwen2_5_VL` model (see the module docstring).
+
+  Args:
+    model: the policy; its weights are read once here (call `update_weights` after training).
+    prompt_buckets: padded prompt lengths; a prompt batch is padded to the smallest bucket that
+      holds its longest prompt (a longer prompt is an error).
+    max_new_tokens: tokens sampled per row (fewer when every row has hit EOS).
+    eos_ids: tokens that end a row (kept in the output); empty to always sample max_new_tokens.
+    pad_id: fills prompt padding and the tokens after a row's EOS.
+    suppress_ids: tokens never sampled. Default: the image/video placeholder and vision
+      start/end tokens of a vision model; a sampled `<|image_pad|>` would make the response
+      unscorable (the trainer's forward would try to place image features there).
+    mesh, rules: with a sharded model (cpt_jax.sharding), the mesh and logical rules to run
+      under; prompts are split along the batch like `shard_batch`.
+  """
+
+  def __init__(self, model: nnx.Module, *, max_new_tokens: int, eos_ids: Sequence[int],
+               pad_id: int, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+               suppress_ids: Sequence[int] | None = None,
+               mesh: jax.sharding.Mesh | None = None, rules: sharding.RulesLike = None):
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    buckets = sorted({int(b) for b in prompt_buckets})
+    if not buckets or buckets[0] < 1:
+      raise ValueError(f"prompt_buckets must be positive lengths, got {list(prompt_buckets)}")
+    self.config = config = model.config
+    vocab = config.text.vocab_size
+    if suppress_ids is None:
+      suppress_ids = (() if config.vision is None else
+                      (config.image_token_id, config.video_token_id,
+                       config.vision_start_token_id, config.vision_end_token_id))
+    for name, ids in (("eos_ids", eos_ids), ("suppress_ids", suppress_ids)):
+      bad = [int(i) for i in ids if not 0 <= int(i) < vocab]
+      if bad:
+        raise ValueError(f"{name} {bad} are outside the vocabulary [0, {vocab})")
+    self.suppress_ids = tuple(int(i) for i in suppress_ids)
+    self.max_new_tokens = int(max_new_tokens)
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    self.pad_id = int(pad_id)
+    self.prompt_buckets = tuple(buckets)
+    self.mesh = mesh
+    self.rules = rules
+    self.cache_dtype = model.language_model.dtype  # the compute dtype of k and v
+    self._graphdef, self._params = nnx.split(model)
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_samples", "mode"))
+    # The state (KV cache and output buffers) is donated: each call consumes the previous
+    # state, so XLA updates the cache in place instead of holding two copies of it.
+    self._decode = jax.jit(self._decode_fn, static_argnames=("mode",), donate_argnames=("state",))
+
+  def update_weights(self, model_or_state: nnx.Module | nnx.State) -> None:
+    """Samples from new weights (same structure and shapes: nothing recompiles)."""
+    state = (nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module)
+             else model_or_state)
+    if jax.tree.structure(state) != jax.tree.structure(self._params):
+      raise ValueError("update_weights: the new state's structure differs from the model's")
+    self._params = state
+
+  def compiled_programs(self) -> int:
+    """Number of programs compiled so far (prefill + decode variants)."""
+    return self._prefill._cache_size() + self._decode._cache_size()
+
+  # ---------------------------------------------------------------- jitted programs
+
+  def _sample(self, logits, key, step, knobs, mode, done):
+    tokens, logprobs, policy_logprobs = sample_logits(
+        logits, jax.random.fold_in(key, step), *knobs, mode, self.suppress_ids)
+    tokens = jnp.where(done, self.pad_id, tokens)
+    logprobs = jnp.where(done, 0.0, logprobs)
+    policy_logprobs = jnp.where(done, 0.0, policy_logprobs)
+    return tokens, logprobs, policy_logprobs
+
+  def _record(self, state: SamplingState, tokens, logprobs, policy_logprobs) -> SamplingState:
+    """Writes the tokens sampled at `state.step` into column `step` and advances the flags."""
+    col = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype),
+                                                      (0, state.step))
+    is_eos = jnp.isin(tokens, jnp.asarray(self.eos_ids, jnp.int32)) if self.eos_ids else False
+    return state.replace(
+        tokens=col(state.tokens, tokens), logprobs=col(state.logprobs, logprobs),
+        policy_logprobs=col(state.policy_logprobs, policy_logprobs),
+        lengths=state.lengths + (~state.done).astype(jnp.int32),
+        done=state.done | is_eos, step=state.step + 1)
+
+  def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, position_ids,
+                  vision_inputs, key, knobs, *, num_samples: int,
+                  mode: SamplingMode) -> SamplingState:
+    """Prompt [B, S] -> state with the first token of B * num_samples rows sampled."""
+    model = nnx.merge(self._graphdef, params)
+    batch, length = input_ids.shape
+    # The last sampled token is never fed back, so N - 1 decode slots follow the prompt.
+    cache = model.init_cache(batch, length + self.max_new_tokens - 1, self.cache_dtype)
+    logits, cache = model.prefill(input_ids, attention_mask, cache, pixel_values=pixel_values,
+                                  position_ids=position_ids, vision_inputs=vision_inputs)
+    rows = batch * num_samples
+    logits = jnp.repeat(logits, num_samples, axis=0)  # [R, V]
+    cache = _repeat_cache(cache, num_samples)
+    buffer = lambda dtype, fill: sharding.constrain(
+        jnp.full((rows, self.max_new_tokens), fill, dtype), ("batch", None))
+    state = SamplingState(
+        cache=cache, tokens=buffer(jnp.int32, self.pad_id), logprobs=buffer(jnp.float32, 0.0),
+        policy_logprobs=buffer(jnp.float32, 0.0), lengths=jnp.zeros((rows,), jnp.int32),
+        done=jnp.zeros((rows,), bool), step=jnp.zeros((), jnp.int32), key=key)
+    sampled = self._sample(logits, key, state.step, knobs, mode, state.done)
+    return self._record(state, *sampled)
+
+  def _decode_fn(self, params, state: SamplingState, knobs, *,
+                 mode: SamplingMode) -> SamplingState:
+    """Samples until every row is done or max_new_tokens columns are filled."""
+    model = nnx.merge(self._graphdef, params)
+
+    def keep_going(state: SamplingState):
+      return (state.step < self.max_new_tokens) & ~jnp.all(state.done)
+
+    def step(state: SamplingState) -> SamplingState:
+      last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [R, 1]
+      logits, cache = model.decode_step(last, state.cache)
+      sampled = self._sample(logits, state.key, state.step, knobs, mode, state.done)
+      return self._record(state.replace(cache=cache), *sampled)
+
+    return jax.lax.while_loop(keep_going, step, state)
+
+  # ---------------------------------------------------------------- host side
+
+  def _bucket(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray):
+    """Trims all-padding columns and left-pads to the smallest bucket that fits."""
+    real = prompt_mask.astype(bool)
+    if not real.any(axis=1).all():
+      empty = np.flatnonzero(~real.any(axis=1)).tolist()
+      raise ValueError(f"prompt rows {empty} have no real token (prompt_mask all 0)")
+    columns = np.flatnonzero(real.any(axis=0))
+    ids = prompt_ids[:, columns[0]:columns[-1] + 1]
+    mask = prompt_mask[:, columns[0]:columns[-1] + 1]
+    length = ids.shape[1]
+    if jax.process_count() > 1:  # every process must pick the same bucket
+      length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    fitting = [b for b in self.prompt_buckets if b >= length]
+    if not fitting:
+      raise ValueError(f"prompt length {length} exceeds the largest prompt bucket "
+                       f"{self.prompt_buckets[-1]}")
+    pad = fitting[0] - ids.shape[1]
+    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=self.pad_id)
+    mask = np.pad(mask, ((0, 0), (pad, 0)), constant_values=0)
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+  def __call__(self, prompt_ids, prompt_mask, *, key: jax.Array, num_samples: int = 1,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+               pixel_values=None, image_grid_thw=None) -> SampleOutput:
+    """Samples `num_samples` continuations of each prompt.
+
+    prompt_ids, prompt_mask: [B, S] (numpy; left padding expected, any padding accepted);
+    pixel_values [P, C*T*P*P] and image_grid_thw [I, 3] for the images of the batch, in order.
+    temperature 0 decodes greedily (top_k / top_p ignored). Returns host arrays.
+    """
+    prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+      raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} "
+                       "must both be [batch, length]")
+    if num_samples < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+      raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if (pixel_values is None) != (image_grid_thw is None):
+      raise ValueError("pass pixel_values and image_grid_thw together")
+    vocab = self.config.text.vocab_size
+    top_k = vocab if top_k is None else min(int(top_k), vocab)
+    greedy = temperature == 0.0
+    mode = SamplingMode(greedy=greedy, filtered=not greedy and (top_k < vocab or top_p < 1.0))
+    ids, mask = self._bucket(prompt_ids, prompt_mask)
+    grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
+    extra = prepare_inputs(self.config, ids, mask, grids)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=extra["position_ids"])
+    replicated = dict(pixel_values=pixel_values, vision_inputs=extra["vision_inputs"])
+    # (temperature, top_k, top_p): traced, so new values reuse the compiled programs.
+    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    with self._context():
+      if self.mesh is not None:
+        inputs = sharding.shard_batch(inputs, self.mesh, rules=self.rules)
+        replicated = jax.device_put(replicated, jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec()))
+      state = self._prefill(self._params, inputs["input_ids"], inputs["attention_mask"],
+                            replicated["pixel_values"], inputs["position_ids"],
+                            replicated["vision_inputs"], key, knobs,
+                            num_samples=int(num_samples), mode=mode)
+      if self.max_new_tokens > 1:  # prefill sampled the first token
+        state = self._decode(self._params, state, knobs, mode=mode)
+      out = (state.tokens, state.logprobs, state.policy_logprobs, state.lengths, state.done,
+             state.step)
+      if jax.process_count() > 1:
+        # Every process gets the rows of the whole global batch.
+        out = multihost_utils.process_allgather(out, tiled=True)
+      out = jax.device_get(out)
+    tokens, logprobs, policy_logprobs, lengths, done, steps = out
+    return SampleOutput(tokens=np.asarray(tokens), logprobs=np.asarray(logprobs),
+                        policy_logprobs=np.asarray(policy_logprobs),
+                        lengths=np.asarray(lengths), done=np.asarray(done), num_steps=int(steps))
+
+  def _context(self) -> Any:
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.use_mesh(self.mesh, self.rules)

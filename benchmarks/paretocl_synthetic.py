@@ -1,0 +1,95 @@
+"""ParetoCL vs ER on the synthetic class-incremental split (5 tasks x 2 classes), 3 seeds.
+
+  .venv/bin/python benchmarks/paretocl_synthetic.py --workdir=/tmp/paretocl_bench [--buffer=500]
+      [--setting=online] [--seeds=0,1,2] [--out=benchmarks/paretocl_synthetic.json]
+
+Writes mean +- std of Acc / AAA / forgetting per method (ER, ParetoCL, and ParetoCL-- which
+evaluates the same ParetoCL model at the fixed preference (0.5, 0.5)), and the alpha sweep
+after the last task (old-task and new-task accuracy per alpha_new, averaged over seeds).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+import cpt_jax  # noqa: F401
+from cpt_jax.paretocl import train
+
+flags.DEFINE_string("workdir", "/tmp/paretocl_bench", "Run folders and the dataset go here.")
+flags.DEFINE_string("out", "", "Summary JSON path (default: <workdir>/summary.json).")
+flags.DEFINE_integer("buffer", 500, "Replay buffer size (same for both methods).")
+flags.DEFINE_string("setting", "online", "online (1 epoch per task) or offline (5).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+flags.DEFINE_list("methods", ["er", "paretocl"], "Methods.")
+FLAGS = flags.FLAGS
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "paretocl", "synthetic.py")
+
+
+def _config(method: str, seed: int):
+  spec = importlib.util.spec_from_file_location("synthetic_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  data_dir = os.path.join(FLAGS.workdir, "tfds")
+  return module.get_config(f"method={method},setting={FLAGS.setting},seed={seed},"
+                           f"buffer={FLAGS.buffer},data_dir={data_dir}")
+
+
+def _mean_std(values) -> dict:
+  return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": list(values)}
+
+
+def main(argv):
+  del argv
+  # Runs differ only in data and seeds, so the compiled steps are reused from disk.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  reports = {}
+  for method in FLAGS.methods:
+    for seed in map(int, FLAGS.seeds):
+      start = time.time()
+      report = train.run(_config(method, seed), os.path.join(FLAGS.workdir, f"{method}_seed{seed}"))
+      report["wall_seconds"] = time.time() - start
+      reports.setdefault(method, []).append(report)
+      logging.info("%s seed %d: Acc %.2f AAA %.2f (%.0f s)", method, seed, report["acc"],
+                   report["aaa"], report["wall_seconds"])
+
+  summary = {"setting": FLAGS.setting, "buffer": FLAGS.buffer, "seeds": FLAGS.seeds,
+             "device": str(jax.devices()[0]), "methods": {}}
+  rows = [(m, m, lambda r: r) for m in reports]
+  if "paretocl" in reports:
+    rows.append(("paretocl_minus", "paretocl", lambda r: r["paretocl_minus"]))
+  for name, method, pick in rows:
+    picked = [pick(r) for r in reports[method]]
+    summary["methods"][name] = {key: _mean_std([p[key] for p in picked])
+                                for key in ("acc", "aaa", "forgetting")}
+    summary["methods"][name]["wall_seconds"] = _mean_std([r["wall_seconds"] for r in reports[method]])
+  if "paretocl" in reports:
+    # [seeds, S, 2] after the last task: (old-task mean accuracy, new-task accuracy).
+    sweep = np.array([r["sweep"]["old_new_after_task"][-1] for r in reports["paretocl"]])
+    summary["sweep_after_last_task"] = {
+        "alpha_new": reports["paretocl"][0]["sweep"]["alpha_new"],
+        "old_acc_mean": sweep[:, :, 0].mean(0).tolist(), "new_acc_mean": sweep[:, :, 1].mean(0).tolist(),
+        "old_acc_std": sweep[:, :, 0].std(0).tolist(), "new_acc_std": sweep[:, :, 1].std(0).tolist()}
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "summary.json")
+  with open(out, "w") as f:
+    json.dump(summary, f, indent=1)
+  for name, stats in summary["methods"].items():
+    print(f"{name:15s} Acc {stats['acc']['mean']:6.2f} +- {stats['acc']['std']:5.2f}   "
+          f"AAA {stats['aaa']['mean']:6.2f} +- {stats['aaa']['std']:5.2f}   "
+          f"forgetting {stats['forgetting']['mean']:7.2f} +- {stats['forgetting']['std']:5.2f}")
+  if "sweep_after_last_task" in summary:
+    s = summary["sweep_after_last_task"]
+    for a, old, new in zip(s["alpha_new"], s["old_acc_mean"], s["new_acc_mean"]):
+      print(f"alpha_new {a:4.2f}: old {old:6.2f}  new {new:6.2f}")
+  print(f"summary: {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

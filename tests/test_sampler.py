@@ -100,7 +100,11 @@ def test_buckets_and_new_weights_reuse_compiled_programs(model, sampler, prompt,
                  mask=np.pad(prompt["mask"][[0, 0]], ((0, 0), (3, 0))),
                  pixels=np.concatenate([prompt["pixels"][:32]] * 2),
                  grids=prompt["grids"][[0, 0]])
-  out = run(sampler, shorter, temperature=0.0)
+  key = jax.random.key(0)
+  with jax.transfer_guard("disallow"):  # no implicit host <-> device copy in a whole call
+    out = sampler(shorter["ids"], shorter["mask"], key=key, num_samples=SAMPLES,
+                  temperature=0.0, pixel_values=shorter["pixels"],
+                  image_grid_thw=shorter["grids"])
   np.testing.assert_array_equal(out.tokens, greedy.tokens[[0, 0, 1, 1]])
   # New weights (as after an optimiser step) are an argument, not a constant.
   negated = nnx.clone(model)

@@ -376,11 +376,15 @@ class Sampler:
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=extra["position_ids"])
     replicated = dict(pixel_values=pixel_values, vision_inputs=extra["vision_inputs"])
     # (temperature, top_k, top_p): traced, so new values reuse the compiled programs.
-    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
     with self._context():
-      if self.mesh is not None:
+      # Every host array moves to the device here, explicitly; nothing else crosses until the
+      # results come back (a call passes jax.transfer_guard("disallow")).
+      if self.mesh is None:
+        inputs, replicated, knobs = jax.device_put((inputs, replicated, knobs))
+      else:
         inputs = sharding.shard_batch(inputs, self.mesh, rules=self.rules)
-        replicated = jax.device_put(replicated, jax.sharding.NamedSharding(
+        replicated, knobs = jax.device_put((replicated, knobs), jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec()))
       state = self._prefill(self._params, inputs["input_ids"], inputs["attention_mask"],
                             replicated["pixel_values"], inputs["position_ids"],

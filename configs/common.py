@@ -80,7 +80,9 @@ def sft_config() -> ml_collections.ConfigDict:
       split="test",
       every=0,               # steps between evaluations (0: at the end only; -1: never)
       batch_size=16,
-      max_examples=0,        # 0: the whole split (full batches)
+      max_examples=0,        # per task (decode) / in all (teacher-forced); 0: the whole split
+      decode=True,           # also the papers' accuracy: greedy decode + answer extraction
+      max_new_tokens=32,     # decode budget per answer
   )
   c.ckpt = dict(every=500, keep=3, async_save=True)
   c.mesh = sharding.mesh_config()

@@ -15,6 +15,8 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cpt_jax import distributed
+
 # job name -> "module:function"
 JOBS: dict[str, str] = {
     "sft": "cpt_jax.train.loop:run",
@@ -33,9 +35,13 @@ def register_job(name: str, target: str) -> None:
   JOBS[name] = target
 
 
-def get_job(name: str) -> Callable:
+def check_job(name: str) -> None:
   if name not in JOBS:
     raise ValueError(f"unknown job {name!r}; known jobs: {sorted(JOBS)}")
+
+
+def get_job(name: str) -> Callable:
+  check_job(name)
   module, function = JOBS[name].split(":")
   return getattr(importlib.import_module(module), function)
 
@@ -48,14 +54,10 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")
+  check_job(config.job)
+  # Before anything touches a device (a job module may, on import).
+  distributed.initialize()
   job = get_job(config.job)
-  try:
-    from cpt_jax import distributed  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    if e.name != "cpt_jax.distributed":
-      raise
-  else:
-    distributed.initialize()
   logging.info("job %s, workdir %s, config:\n%s", config.job, _WORKDIR.value, config)
   result = job(config, _WORKDIR.value)
   logging.info("done: %s", result)

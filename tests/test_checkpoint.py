@@ -88,6 +88,10 @@ def test_keeps_n_and_ignores_half_written_steps(tmp_path, state):
   assert ckpt.latest_step() == 6
   restored, _ = ckpt.restore_latest(jax.eval_shape(lambda: state))
   assert int(restored.step) == 6
+  # The resumed run reaches step 8 again and saves it over the leftover.
+  ckpt.save(8, state.replace(step=jnp.int32(8)))
+  ckpt.wait()
+  assert ckpt.latest_step() == 8
   ckpt.close()
   assert checkpoint.Checkpointer(tmp_path / "empty", handle_sigterm=False).restore_latest(
       jax.eval_shape(lambda: state)) is None

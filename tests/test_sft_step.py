@@ -97,6 +97,10 @@ def test_step_loss_matches_hand_computed(setup):
   assert metrics["answer_tokens"] == want_n
   assert metrics["tokens"] == batch["attention_mask"].sum()
   assert metrics["skipped"] == 0
+  text_only = sft.device_batch({**batch, "pixel_values": np.zeros((0, 4), np.float32)})
+  assert sorted(text_only) == ["attention_mask", "input_ids", "loss_mask"]
+  with pytest.raises(ValueError, match=r"lacks \['loss_mask'\]"):
+    sft.device_batch({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
 
 
 def test_loss_ignores_non_answer_tokens():

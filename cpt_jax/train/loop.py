@@ -5,10 +5,11 @@
 Reads top to bottom; each section is a banner. Initialisation order: a checkpoint in
 the workdir (resume) > `model.pretrained` (HF checkpoint directory) > random init.
 
-Evaluation here is teacher-forced: the answer tokens of each test example are scored
-under the model (next-token argmax), giving exact match, token accuracy and NLL per task.
-It is a cheap training signal, not the papers' metric, which decodes a response and
-extracts the answer (see cpt_jax.rl.rewards); the continual-learning loop does that.
+Evaluation (per task and over all tasks of the test split):
+  eval/<task>/accuracy, format: the papers' metric (eval.decode): a greedy response per
+    test prompt, its answer extracted and matched after normalisation (cpt_jax.cl.evaluate).
+  eval/<task>/exact_match, token_accuracy, nll: teacher-forced scores of the reference
+    answer tokens (next-token argmax). Cheap, but not the papers' metric.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from cpt_jax import sharding
 from cpt_jax import writer as writer_lib
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.cl import evaluate as evaluate_lib
+from cpt_jax.rl.sampler import Sampler
 from cpt_jax.train import optim, sft
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -105,11 +108,18 @@ def run(config, workdir: str) -> dict[str, Any]:
                                    state_sharding=state_sh)
   eval_step = sft.make_eval_step(graphdef, compute_dtype=compute_dtype)
 
+  eval_sources = pipeline_lib.open_sources(data_dir, config.data.tasks, config.eval.split,
+                                           config.data.kind)
+  decode_eval = evaluate_lib.Evaluator(
+      eval_sources, tokenizer, _data_config(config, train=False, product="prompt"),
+      max_examples=config.eval.max_examples) if config.eval.decode else None
+  samplers = []  # built on the first decode evaluation, then given new weights
+
   def evaluate(params) -> dict[str, float]:
-    eval_data = pipeline_lib.Pipeline(
-        pipeline_lib.open_sources(data_dir, config.data.tasks, config.eval.split,
-                                  config.data.kind),
-        tokenizer, _data_config(config, train=False), model_config=model_config)
+    """Teacher-forced answer scores, and (eval.decode) the papers' accuracy: greedy decoding,
+    answer extraction, normalised exact match (cpt_jax.cl.evaluate)."""
+    eval_data = pipeline_lib.Pipeline(eval_sources, tokenizer, _data_config(config, train=False),
+                                      model_config=model_config)
     scores, tasks, seen = [], [], 0
     for batch in eval_data:
       scores.append(eval_step(params, _device_batch(batch, mesh, rules)))
@@ -123,7 +133,26 @@ def run(config, workdir: str) -> dict[str, Any]:
                        f"{config.eval.batch_size}")
     scores, tasks = multihost_utils.process_allgather((scores, tasks), tiled=True)
     names = [np.asarray(config.data.tasks)[t] for t in tasks]
-    return {f"eval/{k}": v for k, v in sft.summarize_eval(scores, names).items()}
+    metrics = {f"eval/{k}": v for k, v in sft.summarize_eval(scores, names).items()}
+    if decode_eval is None:
+      return metrics
+    model = nnx.merge(graphdef, nnx.State(optim.cast_floating(params, compute_dtype)))
+    if samplers:
+      samplers[0].update_weights(model)
+    else:
+      samplers.append(Sampler(
+          model, max_new_tokens=config.eval.max_new_tokens,
+          eos_ids=tuple(model_config.eos_token_id), pad_id=tokenizer.pad_token_id,
+          prompt_buckets=tuple(sorted(set(config.data.length_buckets) | {config.data.max_len})),
+          mesh=mesh, rules=rules))
+    results = decode_eval(evaluate_lib.sampler_generate(
+        samplers[0], tokenizer, model_config, batch_size=config.eval.batch_size))
+    for task, result in results.items():
+      metrics[f"eval/{task}/accuracy"] = result.accuracy
+      metrics[f"eval/{task}/format"] = result.format
+    metrics["eval/all/accuracy"] = float(np.average(
+        [r.accuracy for r in results.values()], weights=[r.num_examples for r in results.values()]))
+    return metrics
 
   # ---------------------------------------------------------------- loop
   writer = writer_lib.MetricWriter(workdir, config=config, total_steps=total_steps,
@@ -144,17 +173,19 @@ def run(config, workdir: str) -> dict[str, Any]:
       pending, last_time = (step, metrics, now - last_time), now
 
       preempted = ckpt.reached_preemption(step)
-      if config.eval.every > 0 and step % config.eval.every == 0 and step < total_steps:
-        writer.write(step, evaluate(state.params))
-      if preempted or step == total_steps or step % config.ckpt.every == 0:
+      save = preempted or step == total_steps or step % config.ckpt.every == 0
+      if save:
+        # Written before the checkpoint: a run resumed from it starts at the next step.
+        final = _report(writer, *pending, log_every=1)
+        pending = None
         ckpt.save(step, state, data_iter=train_iter, force=True,
                   metadata={"total_steps": total_steps,
                             "bad_examples": train_iter.counts.state()})
       if preempted:
         writer.log("preempted: saved step %d, stopping", step)
         break
-    if pending is not None:
-      final = _report(writer, *pending, log_every=1)
+      if config.eval.every > 0 and step % config.eval.every == 0 and step < total_steps:
+        writer.write(step, evaluate(state.params))
     if not preempted and config.eval.every >= 0:
       final.update(evaluate(state.params))
       writer.write(step, {k: v for k, v in final.items() if k.startswith("eval/")})
@@ -199,11 +230,11 @@ def _split_params(model) -> tuple[nnx.GraphDef, dict]:
   return graphdef, nnx.to_pure_dict(params)
 
 
-def _data_config(config, *, train: bool) -> pipeline_lib.DataConfig:
+def _data_config(config, *, train: bool, product: str = "sft") -> pipeline_lib.DataConfig:
   d = config.data
   batch = d.batch_size if train else config.eval.batch_size
   return pipeline_lib.DataConfig(
-      product="sft", prompt_style="sft", batch_size=batch // jax.process_count(),
+      product=product, prompt_style="sft", batch_size=batch // jax.process_count(),
       max_len=d.max_len, length_buckets=tuple(d.length_buckets),
       seed=config.seed, shuffle=train,
       num_epochs=None if train else 1,  # training runs `total_steps`, across epochs

@@ -24,11 +24,16 @@ DEVICE_KEYS = ("input_ids", "loss_mask") + MODEL_KWARGS
 
 
 def device_batch(batch: dict) -> dict:
-  """The part of a host batch that goes to the devices (no strings)."""
+  """The part of a host batch that goes to the devices (no strings; no image inputs for a
+  batch without images)."""
   missing = [k for k in ("input_ids", "attention_mask", "loss_mask") if k not in batch]
   if missing:
     raise ValueError(f"SFT batch lacks {missing}; it has {sorted(batch)}")
-  return {k: batch[k] for k in DEVICE_KEYS if k in batch and batch[k] is not None}
+  out = {k: batch[k] for k in DEVICE_KEYS if k in batch and batch[k] is not None}
+  if "pixel_values" in out and len(out["pixel_values"]) == 0:
+    out.pop("pixel_values")
+    out.pop("vision_inputs", None)
+  return out
 
 
 def forward(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> jax.Array:

@@ -69,14 +69,17 @@ def main(argv):
     picked = [pick(r) for r in reports[method]]
     summary["methods"][name] = {key: _mean_std([p[key] for p in picked])
                                 for key in ("acc", "aaa", "forgetting")}
-    summary["methods"][name]["wall_seconds"] = _mean_std([r["wall_seconds"] for r in reports[method]])
+    walls = [r["wall_seconds"] for r in reports[method]]
+    summary["methods"][name]["wall_seconds"] = _mean_std(walls)
   if "paretocl" in reports:
     # [seeds, S, 2] after the last task: (old-task mean accuracy, new-task accuracy).
     sweep = np.array([r["sweep"]["old_new_after_task"][-1] for r in reports["paretocl"]])
     summary["sweep_after_last_task"] = {
         "alpha_new": reports["paretocl"][0]["sweep"]["alpha_new"],
-        "old_acc_mean": sweep[:, :, 0].mean(0).tolist(), "new_acc_mean": sweep[:, :, 1].mean(0).tolist(),
-        "old_acc_std": sweep[:, :, 0].std(0).tolist(), "new_acc_std": sweep[:, :, 1].std(0).tolist()}
+        "old_acc_mean": sweep[:, :, 0].mean(0).tolist(),
+        "new_acc_mean": sweep[:, :, 1].mean(0).tolist(),
+        "old_acc_std": sweep[:, :, 0].std(0).tolist(),
+        "new_acc_std": sweep[:, :, 1].std(0).tolist()}
   out = FLAGS.out or os.path.join(FLAGS.workdir, "summary.json")
   with open(out, "w") as f:
     json.dump(summary, f, indent=1)

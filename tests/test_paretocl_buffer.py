@@ -48,7 +48,7 @@ def test_buffer_fills_in_order_before_replacing():
 
 
 def test_reservoir_slots_last_writer_wins():
-  # Once full, draws are uniform in [0, count): a slot taken twice in one batch keeps the later item.
+  # Once full, draws are uniform in [0, count): a slot drawn twice in a batch keeps the later item.
   slots = np.asarray(jax.jit(rb.reservoir_slots, static_argnums=3)(
       jax.random.key(3), jnp.array(100), jnp.ones(256, bool), 50))
   kept = slots[slots < 50]
@@ -68,7 +68,8 @@ def test_sample_without_replacement_from_filled_slots():
   assert int(out["valid"].sum()) == 6
   assert sorted(np.asarray(out["labels"])[np.asarray(out["valid"])]) == list(range(6))
   # Uniform over filled slots.
-  draws = jax.vmap(lambda k: rb.sample(buf, k, 2)["labels"])(jax.random.split(jax.random.key(3), 3000))
+  keys = jax.random.split(jax.random.key(3), 3000)
+  draws = jax.vmap(lambda k: rb.sample(buf, k, 2)["labels"])(keys)
   np.testing.assert_allclose(np.bincount(np.asarray(draws).ravel(), minlength=6) / 6000, 1 / 6,
                              atol=0.03)
   with pytest.raises(ValueError, match="cannot sample"):

@@ -118,4 +118,5 @@ def test_tiny_imagenet_from_folder(tmp_path):
   assert [len(t.labels) for t in bench.train] == [4, 4]
   assert [len(t.labels) for t in bench.test] == [2, 2]
   # Sorted wnids: class i is wnids[i]; JPEG keeps the flat colour within a few levels.
-  np.testing.assert_allclose(bench.train[1].images[:, 32, 32, 0], 10 * bench.train[1].labels, atol=3)
+  task = bench.train[1]
+  np.testing.assert_allclose(task.images[:, 32, 32, 0], 10 * task.labels, atol=3)

@@ -26,7 +26,8 @@ def _load_config(name: str, arg: str | None = None):
 
 
 def _tiny_config(method: str, data_dir: str):
-  config = _load_config("synthetic.py", f"method={method},variant=tiny,buffer=16,data_dir={data_dir}")
+  arg = f"method={method},variant=tiny,buffer=16,data_dir={data_dir}"
+  config = _load_config("synthetic.py", arg)
   config.data.num_tasks = 2
   config.data.classes_per_task = 2
   config.model.nf = 4
@@ -38,15 +39,17 @@ def _tiny_config(method: str, data_dir: str):
   return config
 
 
-def test_metrics_by_hand():
+def test_summary_by_hand():
   acc = np.array([[90.0, 0.0, 0.0],
                   [60.0, 80.0, 0.0],
                   [50.0, 70.0, 85.0]])
-  assert train.average_accuracy(acc) == pytest.approx((50 + 70 + 85) / 3)
-  assert train.average_anytime_accuracy(acc) == pytest.approx((90 + 70 + (50 + 70 + 85) / 3) / 3)
-  # Task 0: 50 - max(90, 60); task 1: 70 - 80.
-  assert train.forgetting(acc) == pytest.approx(((50 - 90) + (70 - 80)) / 2)
-  assert train.forgetting(acc[:1, :1]) == 0.0
+  summary = train.summarize(acc)
+  assert summary["acc"] == pytest.approx((50 + 70 + 85) / 3)
+  assert summary["aaa"] == pytest.approx((90 + 70 + (50 + 70 + 85) / 3) / 3)
+  # Task 0: 50 - max(90, 60); task 1: 70 - 80 (negative = forgotten).
+  assert summary["forgetting"] == pytest.approx(((50 - 90) + (70 - 80)) / 2)
+  assert summary["bwt"] == pytest.approx(((50 - 90) + (70 - 80)) / 2)
+  assert summary["final_task_accuracies"] == [50.0, 70.0, 85.0]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_end_to_end(method, data_dir, tmp_path):
   acc = np.array(report["acc_matrix"])
   assert acc.shape == (2, 2) and np.all(np.isfinite(acc)) and np.all((acc >= 0) & (acc <= 100))
   assert report["steps"] == 2 * 3  # 24 images per task in batches of 8
-  for key in ("acc", "aaa", "forgetting"):
+  for key in ("acc", "aaa", "forgetting", "bwt"):
     assert np.isfinite(report[key])
   assert report["acc"] == pytest.approx(acc[-1].mean())
   lines = open(tmp_path / "tasks.jsonl").read().splitlines()
@@ -80,7 +83,8 @@ def test_train_step_fits_a_repeated_batch(data_dir):
   model = train.ContinualClassifier(config, 4, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
-  step = train.make_train_step(graphdef, config, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+  mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  step = train.make_train_step(graphdef, config, mean, std)
   rng = np.random.default_rng(0)
 
   def batch():  # the label sets the brightness, so the batch can be fitted

@@ -1,6 +1,8 @@
 """ParetoCL for the VLM (cpt_jax.paretocl.vlm) on a tiny text-only Qwen2 model."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,17 +26,20 @@ def all_logits(model, input_ids, alphas, attention_mask):
   return model(input_ids, alphas, attention_mask=attention_mask)
 
 
-def make_model(seed=0, rank=4):
-  return vlm.ParetoVLM(models.init_from_config(CONFIG, seed), rank=rank, hyper_hidden=16,
-                       rngs=nnx.Rngs(seed))
+@pytest.fixture(scope="module")
+def fresh_model():
+  """The tiny ParetoVLM as built (B = 0); tests use copies (`clone`)."""
+  return vlm.ParetoVLM(models.init_from_config(CONFIG, 0), rank=4, hyper_hidden=16,
+                       rngs=nnx.Rngs(0))
 
 
-def with_random_up(model, seed=1):
-  """A copy of `model` whose B is non-zero, so preferences change the logits."""
+def clone(model, up_seed=None):
+  """An independent copy of `model`; with up_seed, B is random so preferences change logits."""
   graphdef, state = nnx.split(model)
-  model = nnx.merge(graphdef, state)
-  up = model.adapter.up
-  up[...] = 0.5 * jax.random.normal(jax.random.key(seed), up.shape)
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  if up_seed is not None:
+    up = model.adapter.up
+    up[...] = 0.5 * jax.random.normal(jax.random.key(up_seed), up.shape)
   return model
 
 
@@ -80,8 +85,8 @@ def joint_batch():
   return new, replay, vlm.concat_batches(CONFIG, new, replay)
 
 
-def test_zero_init_up_gives_base_logits_for_every_alpha():
-  model = make_model()
+def test_zero_init_up_gives_base_logits_for_every_alpha(fresh_model):
+  model = fresh_model
   ids = np.random.default_rng(0).integers(0, VOCAB, (2, 6)).astype(np.int32)
   base = np.asarray(nnx.jit(lambda m, x: m(x))(model.base, ids))
   alphas = vlm.inference_preferences(6, seed=3)
@@ -105,9 +110,9 @@ def test_concat_batches_pads_marks_rows_and_recomputes_positions(joint_batch):
     vlm.device_batch(new)
 
 
-def test_loss_matches_hand_computation(joint_batch):
+def test_loss_matches_hand_computation(joint_batch, fresh_model):
   _, _, batch = joint_batch
-  model = with_random_up(make_model())
+  model = clone(fresh_model, up_seed=1)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   alphas = jnp.array([[0.2, 0.8], [0.9, 0.1], [0.5, 0.5]])
@@ -129,9 +134,9 @@ def test_loss_matches_hand_computation(joint_batch):
 
 
 @pytest.mark.parametrize("mode", vlm.ENTROPY_MODES)
-def test_min_entropy_choice_matches_brute_force(mode):
+def test_min_entropy_choice_matches_brute_force(mode, fresh_model):
   batch = sft_batch(np.random.default_rng(5), b=6, s=10)
-  model = with_random_up(make_model(), seed=2)
+  model = clone(fresh_model, up_seed=2)
   graphdef, state = nnx.split(model)
   predict = vlm.make_predict_step(graphdef, num_preferences=20, seed=0, entropy=mode)
   out = jax.device_get(predict(nnx.to_pure_dict(state), batch))
@@ -157,7 +162,7 @@ def test_min_entropy_choice_matches_brute_force(mode):
     vlm.make_predict_step(graphdef, entropy="mean")
 
 
-def test_training_on_conflicting_targets_moves_the_trade_off_with_alpha():
+def test_training_on_conflicting_targets_moves_the_trade_off_with_alpha(fresh_model):
   """New and replay rows share a prompt but answer X vs Y; after train_task the preference
   sweep goes from favouring Y (replay, alpha = (1, 0)) to favouring X (new, alpha = (0, 1))."""
   prompt, x_tok, y_tok, eos = [5, 9, 13, 17], 30, 40, VOCAB - 1
@@ -169,7 +174,7 @@ def test_training_on_conflicting_targets_moves_the_trade_off_with_alpha():
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": mask}
 
   new, replay = batch_of(x_tok), batch_of(y_tok)
-  model = make_model(seed=3)
+  model = clone(fresh_model)
   base_before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model.base)))
   config = ConfigDict(dict(rank=4, hyper_hidden=16, num_preferences=5, concentration=1.0,
                            optim=optim_config()))
@@ -188,3 +193,67 @@ def test_training_on_conflicting_targets_moves_the_trade_off_with_alpha():
   assert margin[0] < margin[1] < margin[2], margin
   # Different alphas now give different logits.
   assert np.abs(logits[0] - logits[2]).max() > 1e-2
+
+
+def test_concat_batches_keeps_image_rows_positions_and_pixels():
+  """Joint M-RoPE positions and pixels equal those of each batch prepared on its own."""
+  config = models.ModelConfig.tiny(vocab_size=VOCAB)
+  image = [config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id]
+
+  def image_batch(rows, length, fill):
+    ids = np.zeros((len(rows), length), np.int32)
+    attn = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+      ids[i, :len(row)], attn[i, :len(row)] = row, 1
+    grid = np.tile(np.array([[1, 4, 4]], np.int32), ((ids == config.image_token_id).sum() // 4, 1))
+    pixels = np.full((16 * len(grid), 1176), fill, np.float32)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": attn.copy(),
+            "pixel_values": pixels, "image_grid_thw": grid}
+
+  new = image_batch([[1, 2] + image + [7, 8], [3] + image + [9]], 10, 1.0)
+  replay = image_batch([image + [4, 5, 6, 7, 8, 9]], 12, 2.0)
+  batch = vlm.concat_batches(config, new, replay)
+  for part, rows in ((new, slice(0, 2)), (replay, slice(2, 3))):
+    alone = models.prepare_inputs(config, part["input_ids"], part["attention_mask"],
+                                  part["image_grid_thw"])["position_ids"]
+    real = part["attention_mask"].astype(bool)
+    np.testing.assert_array_equal(batch["position_ids"][:, rows, :alone.shape[2]][:, real],
+                                  alone[:, real])
+  np.testing.assert_array_equal(batch["pixel_values"][:, 0], [1.0] * 32 + [2.0] * 16)
+  assert batch["image_grid_thw"].shape == (3, 3) and "vision_inputs" in batch
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fold_preference_equals_the_adapter_at_that_alpha(fresh_model, tied):
+  if tied:
+    base = models.init_from_config(dataclasses.replace(CONFIG, tie_word_embeddings=True), 0)
+    model = vlm.ParetoVLM(base, rank=4, hyper_hidden=16, rngs=nnx.Rngs(0))
+    model.adapter.up[...] = 0.5 * jax.random.normal(jax.random.key(4), model.adapter.up.shape)
+  else:
+    model = clone(fresh_model, up_seed=4)
+  alpha = jnp.array([0.3, 0.7])
+  folded = vlm.fold_preference(model, alpha)
+  assert folded.lm_head is not None and model.base.lm_head is (None if tied else model.base.lm_head)
+  hidden = jax.random.normal(jax.random.key(5), (2, 3, CONFIG.text.hidden_size))
+  np.testing.assert_allclose(folded.logits(hidden), model.logits(hidden, alpha), rtol=1e-5,
+                             atol=1e-5)
+  assert np.abs(np.asarray(folded.logits(hidden) - model.base.logits(hidden))).max() > 1e-2
+
+
+def test_prompt_select_matches_brute_force_on_left_padded_prompts(fresh_model):
+  model = clone(fresh_model, up_seed=6)
+  rng = np.random.default_rng(7)
+  ids = rng.integers(0, VOCAB - 8, (5, 7)).astype(np.int32)
+  lengths = np.array([7, 4, 4, 7, 4])
+  mask = (np.arange(7)[None] >= 7 - lengths[:, None]).astype(np.int32)  # left padding
+  graphdef, state = nnx.split(model)
+  out = jax.device_get(vlm.make_prompt_select_step(graphdef, num_preferences=20)(
+      nnx.to_pure_dict(state), {"input_ids": ids, "attention_mask": mask}))
+  alphas = vlm.inference_preferences(20)
+  for length in (4, 7):  # the prompts unpadded: their next-token distributions per alpha
+    rows = np.flatnonzero(lengths == length)
+    alone = ids[rows, 7 - length:]
+    logits = np.asarray(all_logits(model, alone, alphas, np.ones_like(alone)))[:, :, -1]
+    ent = np_entropy(logits)  # [K, rows]
+    np.testing.assert_allclose(out["entropy"][:, rows], ent, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out["chosen"][rows], ent.argmin(0))

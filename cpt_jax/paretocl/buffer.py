@@ -67,7 +67,8 @@ def reservoir_slots(rng: jax.Array, seen: jax.Array, valid: jax.Array, size: int
   # Sequential semantics: an example is overwritten by a later one in the same batch
   # that picks the same slot, so only the last writer of each slot is kept.
   batch = jnp.arange(valid.shape[0])
-  overwritten = jnp.any((slot[:, None] == slot[None, :]) & (batch[None, :] > batch[:, None]), axis=1)
+  later_same_slot = (slot[:, None] == slot[None, :]) & (batch[None, :] > batch[:, None])  # [B, B]
+  overwritten = jnp.any(later_same_slot, axis=1)
   return jnp.where(overwritten, size, slot)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 SETTINGS = {"online": 1, "offline": 5}  # epochs per task
 
@@ -42,15 +43,18 @@ def base_config(*, method: str, setting: str, seed: int, buffer_size: int,
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "cpt_synthetic_shapes"
-  config.data.data_dir = data_dir  # None: TFDS default (~/tensorflow_datasets)
+  # Optional fields are typed placeholders so that `--config.data.x=...` can set them.
+  config.data.data_dir = placeholder(str)  # None: TFDS default (~/tensorflow_datasets)
+  if data_dir:
+    config.data.data_dir = data_dir
   config.data.train_split = "train"
   config.data.test_split = "test"
   config.data.num_tasks = 5
   config.data.classes_per_task = 2
-  config.data.class_order_seed = None  # None: the dataset's label order
+  config.data.class_order_seed = placeholder(int)  # None: the dataset's label order
   # Per-channel normalisation of [0, 1] pixels; None: computed from the training split.
-  config.data.mean = None
-  config.data.std = None
+  config.data.mean = placeholder(tuple)
+  config.data.std = placeholder(tuple)
 
   config.model = ml_collections.ConfigDict()
   config.model.nf = 20  # 20: reduced ResNet-18 (160-d features); 64: ResNet-18

@@ -140,9 +140,10 @@ def load_benchmark(data_config) -> ClassIncrementalBenchmark:
   test_images, test_labels, _ = load_split(data_config.name, data_config.data_dir,
                                            data_config.test_split)
   order = make_class_order(len(names), data_config.class_order_seed)
+  used = data_config.num_tasks * data_config.classes_per_task
   split = lambda images, labels: split_by_class(
       images, labels, order, data_config.num_tasks, data_config.classes_per_task)
   return ClassIncrementalBenchmark(
       train=split(train_images, train_labels), test=split(test_images, test_labels),
       class_order=order, classes_per_task=data_config.classes_per_task,
-      class_names=tuple(names[c] for c in order[:data_config.num_tasks * data_config.classes_per_task]))
+      class_names=tuple(names[c] for c in order[:used]))

@@ -34,7 +34,8 @@ class PreferenceHypernet(nnx.Module):
     self.num_objectives = num_objectives
     self.out_shapes = {name: tuple(shape) for name, shape in out_shapes.items()}
     dims = [num_objectives] + [hidden] * num_hidden_layers
-    self.trunk = nnx.List([nnx.Linear(d_in, d_out, rngs=rngs) for d_in, d_out in zip(dims, dims[1:])])
+    self.trunk = nnx.List(
+        [nnx.Linear(d_in, d_out, rngs=rngs) for d_in, d_out in zip(dims, dims[1:])])
     fan_in = dict(out_fan_in or {})
     outputs = {}
     for name, shape in self.out_shapes.items():
@@ -47,7 +48,8 @@ class PreferenceHypernet(nnx.Module):
 
   def __call__(self, alpha: jax.Array) -> dict[str, jax.Array]:
     if alpha.shape[-1] != self.num_objectives:
-      raise ValueError(f"alpha must end in {self.num_objectives} objectives, got shape {alpha.shape}")
+      raise ValueError(
+          f"alpha must end in {self.num_objectives} objectives, got shape {alpha.shape}")
     h = alpha
     for layer in self.trunk:
       h = jax.nn.relu(layer(h))  # [..., hidden]

@@ -56,7 +56,7 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def render(cls: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-  """One image of class `cls`: uint8 [size, size, 3] (a 32x32 frame sampled at size^2 pixel centres)."""
+  """One image of class `cls`: uint8 [size, size, 3], a 32x32 frame sampled at size^2 points."""
   y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) * (32.0 / size)  # 32x32 frame
   # Background: a dark gradient between two random colours.
   c0, c1 = rng.uniform(0, 0.4, (2, 3))

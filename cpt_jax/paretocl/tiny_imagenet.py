@@ -44,7 +44,8 @@ class CptTinyImagenet(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     root = epath.Path(dl_manager.manual_dir) / FOLDER
     if not (root / "wnids.txt").exists():
-      raise FileNotFoundError(f"Tiny ImageNet not found at {root}: {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise FileNotFoundError(
+          f"Tiny ImageNet not found at {root}: {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     # Sorted class ids, the usual ImageFolder order.
     wnids = sorted(line.strip() for line in (root / "wnids.txt").read_text().splitlines()
                    if line.strip())

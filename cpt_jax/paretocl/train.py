@@ -26,6 +26,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from cpt_jax.cl import metrics as cl_metrics
 from cpt_jax.paretocl import buffer as replay_buffer
 from cpt_jax.paretocl import data as cl_data
 from cpt_jax.paretocl import hypernet, losses, resnet
@@ -43,9 +44,10 @@ class ContinualClassifier(nnx.Module):
   """Backbone features h(x) and a head: a plain linear layer (ER) or a HyperHead (ParetoCL)."""
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int, *, rngs: nnx.Rngs):
-    self.backbone = resnet.ResNet(nf=config.model.nf, blocks_per_stage=config.model.blocks_per_stage,
-                                  rngs=rngs)
-    self.head = METHODS[config.method].make_head(config, self.backbone.num_features, num_classes, rngs)
+    self.backbone = resnet.ResNet(
+        nf=config.model.nf, blocks_per_stage=config.model.blocks_per_stage, rngs=rngs)
+    self.head = METHODS[config.method].make_head(
+        config, self.backbone.num_features, num_classes, rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,33 +178,11 @@ def make_eval_step(graphdef, config: ml_collections.ConfigDict, mean, std):
   return jax.jit(eval_step)
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics over the accuracy matrix a[j][i] (accuracy on task i after training task j).
-# ----------------------------------------------------------------------------------------
-
-
-def average_accuracy(acc: np.ndarray) -> float:
-  """Acc: mean accuracy over all tasks after the last task."""
-  return float(np.mean(acc[-1]))
-
-
-def average_anytime_accuracy(acc: np.ndarray) -> float:
-  """AAA: mean over j of the mean accuracy on tasks 0..j after training task j."""
-  return float(np.mean([np.mean(acc[j, :j + 1]) for j in range(acc.shape[0])]))
-
-
-def forgetting(acc: np.ndarray) -> float:
-  """mean_{i<T} (a[T][i] - max_{j<T} a[j][i]); negative means forgotten. 0 for one task."""
-  last = acc.shape[0] - 1
-  if last == 0:
-    return 0.0
-  return float(np.mean([acc[last, i] - np.max(acc[i:last, i]) for i in range(last)]))
-
-
 def summarize(acc: np.ndarray) -> dict:
-  return {"acc_matrix": acc.tolist(), "acc": average_accuracy(acc),
-          "aaa": average_anytime_accuracy(acc), "forgetting": forgetting(acc),
-          "final_task_accuracies": acc[-1].tolist()}
+  """Acc, AAA, forgetting and BWT (cpt_jax.cl.metrics) of a [T, T] accuracy matrix in percent."""
+  return {"acc_matrix": acc.tolist(), "acc": cl_metrics.avg_acc(acc),
+          "aaa": cl_metrics.average_anytime_accuracy(acc), "forgetting": cl_metrics.forgetting(acc),
+          "bwt": cl_metrics.backward_transfer(acc), "final_task_accuracies": acc[-1].tolist()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -361,8 +341,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             **summarize(acc["pred"])}
   if config.method == "paretocl":
     report["paretocl_minus"] = summarize(acc["pred_fixed"])
+    sweep_alphas = np.asarray(hypernet.preference_sweep(config.paretocl.sweep_points))
     report["sweep"] = {
-        "alpha_new": np.asarray(hypernet.preference_sweep(config.paretocl.sweep_points))[:, 1].tolist(),
+        "alpha_new": sweep_alphas[:, 1].tolist(),
         "old_new_after_task": sweep_old_new}  # [T - 1][S][2]
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)

@@ -26,6 +26,7 @@ like `sft.make_eval_step`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -242,6 +243,47 @@ def make_predict_step(graphdef: nnx.GraphDef, *, num_preferences: int = 20, seed
             "exact": ((correct == n) & (n > 0)).astype(jnp.float32)}
 
   return jax.jit(predict)
+
+
+def make_prompt_select_step(graphdef: nnx.GraphDef, *, num_preferences: int = 20, seed: int = 0,
+                            compute_dtype=None) -> Callable:
+  """jit(select)(params, batch) -> {'chosen' [B], 'entropy' [K, B], 'alphas' [K, 2]} for a
+  batch of prompts (input_ids / attention_mask, left- or right-padded, plus the model inputs
+  of `sft.MODEL_KWARGS`): the entropy of the first answer token's distribution, i.e. the
+  next-token logits after each row's last real prompt token (what decoding starts from)."""
+  alphas = inference_preferences(num_preferences, seed)
+
+  def select(params, batch):
+    model = nnx.merge(graphdef, nnx.State(optim.cast_floating(params, compute_dtype)))
+    hidden = model.hidden_states(batch["input_ids"], **_model_kwargs(batch))  # [B, S, D]
+    real = batch["attention_mask"].astype(bool)
+    last = real.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)  # [B]
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
+    base_logits = model.base.logits(hidden)
+    ent = jax.lax.map(lambda a: hypernet.softmax_entropy(
+        base_logits + model.adapter.delta(hidden, model.adapter.scales(a)))[:, 0], alphas)
+    return {"chosen": jnp.argmin(ent, axis=0), "entropy": ent, "alphas": alphas}
+
+  return jax.jit(select)
+
+
+def fold_preference(model: ParetoVLM, alpha) -> models.Qwen2_5_VL:
+  """A plain Qwen2.5-VL whose (untied) LM head is head + A diag(s(alpha)) B: the ParetoVLM at
+  one fixed preference, for decoders (rl.sampler.Sampler) that take a Qwen2_5_VL. Shares the
+  backbone arrays with `model`; a tied-embedding base gets its own lm_head."""
+  base = model.base
+  alpha = jnp.asarray(alpha, jnp.float32)
+  if alpha.shape != (2,):
+    raise ValueError(f"fold_preference takes one preference of shape (2,), got {alpha.shape}")
+  kernel = (base.lm_head[...] if base.lm_head is not None
+            else base.language_model.embed_tokens[...].T)  # [D, V]
+  update = (model.adapter.down[...] * model.adapter.scales(alpha)) @ model.adapter.up[...]
+  config = dataclasses.replace(base.config, tie_word_embeddings=False)
+  folded = nnx.eval_shape(lambda: models.Qwen2_5_VL(
+      config, dtype=base.language_model.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+  nnx.update(folded, nnx.state(base))
+  folded.lm_head.set_value((kernel + update).astype(kernel.dtype))
+  return folded
 
 
 # ------------------------------------------------------------------ what the continual loop calls

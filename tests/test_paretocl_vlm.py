@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from cpt_jax import models
 from cpt_jax.paretocl import vlm
 from cpt_jax.train import optim
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
 CONFIG = models.ModelConfig.tiny(vocab_size=VOCAB, vision=None)
 SWEEP = jnp.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
@@ -257,3 +260,17 @@ def test_prompt_select_matches_brute_force_on_left_padded_prompts(fresh_model):
     ent = np_entropy(logits)  # [K, rows]
     np.testing.assert_allclose(out["entropy"][:, rows], ent, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(out["chosen"][rows], ent.argmin(0))
+
+
+def test_cpt_config_fields_build_the_model_and_optimizer():
+  sys.path.insert(0, ROOT)  # config files import `configs.common`, found from the repo root
+  try:
+    from configs.cpt import paretocl_qwen2_5_vl_7b  # noqa: PLC0415
+  finally:
+    sys.path.remove(ROOT)
+  config = paretocl_qwen2_5_vl_7b.get_config("runlocal")
+  assert config.method == "paretocl" and config.paretocl.num_preferences == 5
+  model = vlm.build(models.init_from_config(CONFIG, 0), config.paretocl)
+  assert model.adapter.up.shape == (config.paretocl.rank, VOCAB)
+  params = nnx.to_pure_dict(nnx.state(model))
+  optim.make_optimizer(config.paretocl.optim, params, total_steps=10)

@@ -302,13 +302,13 @@ def train_task(model: ParetoVLM, new_batches, replay_batches, steps: int, config
 
   new_batches / replay_batches: iterables of host SFT batches (current task; replay of earlier
   tasks); replay_batches=None (the first task) trains L_new alone, weighted by each sampled
-  alpha_new. config: num_preferences, concentration,
-  optim (optim.make_optimizer fields; freeze=('base',) trains the adapter only).
+  alpha_new. config: num_preferences, concentration, optim (optim.make_optimizer fields;
+  freeze=('base',) trains the adapter only).
   """
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   optimizer = optim.make_optimizer(config.optim, params, steps)
-  state = optim.create_train_state(params, optimizer, jax.random.key(seed))
+  state = optim.create_train_state(params, optimizer, jax.random.PRNGKey(seed))
   step_fn = make_train_step(graphdef, optimizer, num_preferences=config.num_preferences,
                             concentration=config.concentration)
   new_it = iter(new_batches)

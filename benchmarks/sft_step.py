@@ -8,9 +8,9 @@ state donated). Compilation is timed apart (ahead of time), then `--warmup` unti
 calls, then `--repeats` timed calls of `--steps` steps each; the median is reported.
 
 FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
-the matmul weights (all parameters but the embedding table, which is a lookup; LM head
-included) and the attention term counted over the full seq x seq scores that the einsum
-computes. Utilisation = achieved FLOP/s / `--peak_gflops` (default: ~165 GFLOP/s, float32
+the matmul weights (every weight of rank >= 2 but the embedding table, which is a lookup;
+the LM head counts; biases and norm scales do not) and the attention term counted over the
+full seq x seq scores that the einsum computes. Utilisation = achieved FLOP/s / `--peak_gflops` (default: ~165 GFLOP/s, float32
 FMA peak of the 2-core AVX2 machine the peers were measured on).
 
   python benchmarks/sft_step.py --sizes=small,100m --out=/tmp/sft_step.json
@@ -71,7 +71,7 @@ def expected_params(size: str) -> int:
 def flops_per_token(size: str, params: dict, seq: int) -> float:
   s = SIZES[size]
   matmul = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
-               if x.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(p))
+               if x.ndim >= 2 and "embed_tokens" not in jax.tree_util.keystr(p))
   attention = 12 * s["layers"] * s["hidden"] * seq   # heads * head_dim = hidden
   return 6 * matmul + attention
 

@@ -10,8 +10,9 @@ calls, then `--repeats` timed calls of `--steps` steps each; the median is repor
 FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
 the matmul weights (every weight of rank >= 2 but the embedding table, which is a lookup;
 the LM head counts; biases and norm scales do not) and the attention term counted over the
-full seq x seq scores that the einsum computes. Utilisation = achieved FLOP/s / `--peak_gflops` (default: ~165 GFLOP/s, float32
-FMA peak of the 2-core AVX2 machine the peers were measured on).
+full seq x seq scores that the einsum computes. Utilisation = achieved FLOP/s /
+`--peak_gflops` (default: ~165 GFLOP/s, the float32 FMA peak of the 2-core AVX2 machine
+the peers were measured on).
 
   python benchmarks/sft_step.py --sizes=small,100m --out=/tmp/sft_step.json
 """

@@ -47,7 +47,8 @@ def sft_config() -> ml_collections.ConfigDict:
   c.job = "sft"
   c.seed = 0  # model init, data order, train-state rng
   c.data = dict(
-      kind="synthetic",      # 'synthetic' (built into `dir` on first use) or 'real' (cpt_jax.data.builders)
+      kind="synthetic",      # 'synthetic' (built into `dir` on first use) or 'real'
+                             # (cpt_jax.data.builders)
       dir="",                # TFDS data_dir; '' -> <workdir>/data
       tasks=("scienceqa",),  # trained jointly (a union); one task per run in the continual setting
       synthetic=dict(train_size=3000, test_size=300, image_size=56, seed=0),

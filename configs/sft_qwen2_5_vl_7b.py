@@ -1,7 +1,8 @@
 """SFT of Qwen2.5-VL-7B-Instruct on one continual post-training task (paper hyperparameters).
 
-  python -m cpt_jax.main --config=configs/sft_qwen2_5_vl_7b.py:task=scienceqa,ckpt=/ckpt/Qwen2.5-VL-7B-Instruct \
-      --config.data.dir=/data/tfds --workdir=gs://bucket/sft/scienceqa
+  python -m cpt_jax.main \
+      --config=configs/sft_qwen2_5_vl_7b.py:task=scienceqa,ckpt=/ckpt/Qwen2.5-VL-7B-Instruct \
+      --config.data.dir=/data/tfds --workdir=/runs/sft/scienceqa
 
 Paper (Lai et al. 2025, SFT baseline): full fine-tuning (vision tower included), AdamW
 lr 1e-5, cosine schedule, warmup ratio 0.1, bf16, loss on answer tokens only; epochs per

@@ -1,7 +1,8 @@
 """SFT of a tiny Qwen2.5-VL on the synthetic benchmark (from scratch; CPU, a few minutes).
 
   python -m cpt_jax.main --config=configs/sft_synthetic.py --workdir=/tmp/sft_synthetic
-  python -m cpt_jax.main --config=configs/sft_synthetic.py:task=gqa,runlocal --workdir=/tmp/sft_smoke
+  python -m cpt_jax.main --config=configs/sft_synthetic.py:task=gqa,runlocal \
+      --workdir=/tmp/sft_smoke
 
 Args (`:key=value,...`): task (a synthetic task, or 'all' for the seven jointly),
 runlocal (a few steps on a small split, for smoke tests). Any field: --config.x.y=value.

@@ -19,8 +19,10 @@ from cpt_jax import distributed
 
 # job name -> "module:function"
 JOBS: dict[str, str] = {
-    "sft": "cpt_jax.train.loop:run",
-    "paretocl_classic": "cpt_jax.paretocl.train:run",
+    "sft": "cpt_jax.train.loop:run",                 # one SFT run (configs/sft_*.py)
+    "rft": "cpt_jax.train.rft:run",                  # one GRPO run (configs/rft_*.py)
+    "cpt": "cpt_jax.cl.loop:run",                    # a continual sequence (configs/cpt/)
+    "paretocl_classic": "cpt_jax.paretocl.train:run",  # configs/paretocl/
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py[:arg]).",

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from cpt_jax import checkpoint as checkpoint_lib
 from cpt_jax import models
+from cpt_jax.models.qwen2_5_vl import params as qwen_params
 from cpt_jax import sharding
 from cpt_jax import writer as writer_lib
 from cpt_jax.data import pipeline as pipeline_lib
@@ -225,8 +226,8 @@ def _split_params(model) -> tuple[nnx.GraphDef, dict]:
   """(graphdef, float32 params as a pure dict); only nnx.Param state is supported."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
-    raise ValueError("the SFT trainer keeps only nnx.Param variables; the model also has "
-                     f"{[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(rest)][:5]}")
+    others = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(rest)]
+    raise ValueError(f"the trainers keep only nnx.Param variables; the model also has {others[:5]}")
   return graphdef, nnx.to_pure_dict(params)
 
 
@@ -275,8 +276,7 @@ def _model_config(config, tokenizer):
   m = config.model
   overrides = dict(remat=m.remat, attention_impl=m.attention_impl)
   if m.pretrained:
-    from cpt_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
-    return params_lib.load_config(m.pretrained, **overrides)
+    return qwen_params.load_config(m.pretrained, **overrides)
   if m.preset not in PRESETS:
     raise ValueError(f"model.preset must be one of {PRESETS}, got {m.preset!r}")
   if m.preset != "tiny":

@@ -1,0 +1,711 @@
+"""The continual post-training loop (job 'cpt'): train a task sequence one task at a time,
+evaluate every task after each, and report the accuracy matrix a[j][i] (papers.md, part A).
+
+    python -m cpt_jax.main --config=configs/cpt/qwen2_5_vl_7b.py:method=rft,ckpt=DIR \\
+        --config.data.dir=/data/tfds --workdir=gs://bucket/cpt/rft
+    python -m cpt_jax.demo --workdir=/tmp/demo     # the embedded default, SFT vs RFT on CPU
+
+Methods (`config.method`, registry `METHODS`):
+  sft         per task: supervised fine-tuning on the answer tokens (`train.sft` step);
+  rft         per task: GRPO (`train.rft.GRPOTrainer`, `rl.rollout`);
+  rif_rft     rft after offline RIF-RFT (drop the instances the model gets 0 of n right);
+  rft_no_kl   rft without the KL term; rft_no_cot: direct-answer prompt, reward = accuracy;
+  multitask   SFT on the union of all tasks in one stage (the upper bound). Its accuracy
+              matrix has T identical rows (the one model has seen every task at every stage),
+              so its FM and BWT are 0 by construction and AvgAcc is what it is compared on.
+
+Each stage starts from the previous stage's final weights, with a fresh optimiser and learning
+rate schedule. Before the first stage the starting model is evaluated (the zero-shot row and
+'general before'); after every stage the matrix row is recorded and the report rewritten
+(`cl.report.write_report`, partial matrices included).
+
+Workdir:
+  progress.json           the loop's resume state: zero-shot row, one row per finished stage
+  tokenizer/              trained on the first run unless tokenizer.path / init.workdir has one
+  stages/<j>_<name>/      checkpoints/ (Orbax: TrainState, data iterator), metrics.jsonl,
+                          tensorboard/, rif_offline.json (rif_rft)
+  evals/<j>_<name>.json   per-stage evaluation details (accuracy, format, shown responses)
+  report.json, accuracy_matrix.csv, report.md, *.png   (cl.report)
+A killed run restarts inside the stage it was on, from that stage's latest checkpoint (state,
+data position, RNG); finished stages are never redone. Runs are deterministic (greedy
+evaluation, rollout keys from the checkpointed RNG), so a resumed run ends with the same
+numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from cpt_jax import checkpoint as checkpoint_lib
+from cpt_jax import models
+from cpt_jax import sharding
+from cpt_jax import writer as writer_lib
+from cpt_jax.cl import evaluate as evaluate_lib
+from cpt_jax.cl import report as report_lib
+from cpt_jax.data import pipeline as pipeline_lib
+from cpt_jax.rl import filtering, rollout
+from cpt_jax.rl.sampler import Sampler
+from cpt_jax.train import loop as sft_loop
+from cpt_jax.train import optim, rft, sft
+
+PyTree = Any
+# Jitted programs (samplers, SFT steps, GRPO trainers) by everything they depend on, shared by
+# the stages of a run and by runs in one process (the demo's SFT and RFT runs, tests): equal
+# stages compile once. `clear_programs()` drops them.
+_PROGRAMS: dict[tuple, Any] = {}
+PROGRESS_FILE = "progress.json"
+RIF_FILE = "rif_offline.json"
+JOINT_STAGE = "multitask"
+# on_step(stage_index, step): called after every training step (and its checkpoint, if any).
+StepHook = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------ methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How a method trains: `trainer` (a key of TRAINERS), one joint stage or one per task, and
+  config overrides (dotted paths) applied on top of the run's config."""
+  trainer: str
+  joint: bool = False
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> None:
+  if name in METHODS:
+    raise ValueError(f"method {name!r} is already registered")
+  METHODS[name] = method
+
+
+register_method("sft", Method("sft"))
+register_method("multitask", Method("sft", joint=True))
+register_method("rft", Method("rft"))
+register_method("rif_rft", Method("rft", overrides={"rft.rif.mode": "offline"}))
+register_method("rft_no_kl", Method("rft", overrides={"rft.rl.use_kl": False}))
+register_method("rft_no_cot", Method("rft", overrides={"rft.prompt_style": "rft_no_cot",
+                                                        "rft.rl.reward": "no_cot"}))
+
+
+def resolve_method(config) -> tuple[Method, Any]:
+  """(Method, config with the method's overrides applied)."""
+  if config.method not in METHODS:
+    raise ValueError(f"unknown method {config.method!r}; registered: {sorted(METHODS)}")
+  method = METHODS[config.method]
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for path, value in method.overrides.items():
+      *parents, leaf = path.split(".")
+      node = config
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  return method, config
+
+
+# ------------------------------------------------------------------ progress (resume state)
+
+
+@dataclasses.dataclass
+class Progress:
+  """What the loop has finished: the zero-shot row and one evaluation row per stage
+  (task -> accuracy, general sets included)."""
+  method: str
+  tasks: list[str]
+  general: list[str]
+  stages: list[str]
+  zero_shot: dict[str, float] | None = None
+  rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+  @classmethod
+  def load_or_new(cls, workdir: str, **fields) -> Progress:
+    path = os.path.join(workdir, PROGRESS_FILE)
+    if not os.path.exists(path):
+      return cls(**fields)
+    with open(path) as f:
+      saved = cls(**json.load(f))
+    for key, value in fields.items():
+      if getattr(saved, key) != value:
+        raise ValueError(f"{workdir} holds a run with {key}={getattr(saved, key)}, but the config "
+                         f"asks for {value}; use another workdir")
+    return saved
+
+  def save(self, workdir: str) -> None:
+    path = os.path.join(workdir, PROGRESS_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(dataclasses.asdict(self), f, indent=2)
+    os.replace(path + ".tmp", path)
+
+  def matrix(self, joint: bool) -> np.ndarray:
+    """[T, T] accuracy matrix, NaN rows for stages not finished."""
+    a = np.full((len(self.tasks), len(self.tasks)), np.nan)
+    rows = self.rows * len(self.tasks) if joint else self.rows
+    for j, row in enumerate(rows):
+      a[j] = [row[t] for t in self.tasks]
+    return a
+
+
+def checkpoints_of(run_dir: str) -> str:
+  """The checkpoint directory holding the final weights of a run directory: `<dir>/checkpoints`
+  (SFT and RFT jobs) or the last finished stage's (a 'cpt' run)."""
+  direct = os.path.join(run_dir, "checkpoints")
+  if os.path.isdir(direct):
+    return direct
+  path = os.path.join(run_dir, PROGRESS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      progress = Progress(**json.load(f))
+    if progress.rows:
+      j = len(progress.rows) - 1
+      return os.path.join(run_dir, "stages", _stage_dir_name(j, progress.stages[j]),
+                          "checkpoints")
+  raise FileNotFoundError(f"{run_dir} has no checkpoints/ and no finished 'cpt' stage")
+
+
+def clear_programs() -> None:
+  """Forgets the compiled programs (and the weights their samplers hold)."""
+  _PROGRAMS.clear()
+
+
+def _stage_dir_name(index: int, name: str) -> str:
+  return f"{index}_{name}"
+
+
+class Preempted(Exception):
+  """SIGTERM (or the preemption service) asked the run to stop; the stage is checkpointed."""
+
+
+# ------------------------------------------------------------------ shared run state
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the stages share: mesh, data, tokenizer, model structure, compiled programs."""
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: Any
+  data_dir: str
+  tokenizer: Any
+  model_config: Any
+  graphdef: Any
+  abstract_params: PyTree  # ShapeDtypeStructs with shardings
+  param_shardings: PyTree
+  compute_dtype: Any
+  on_step: StepHook | None = None
+
+  def program_key(self, kind: str, *parts) -> tuple:
+    """Cache key of a jitted program: everything its compilation depends on."""
+    return (kind, self.graphdef, self.model_config, self.mesh, self.rules, self.compute_dtype,
+            self.config.remat_policy, *parts)
+
+  @property
+  def replicated(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  def sources(self, tasks: Sequence[str], split: str) -> list[pipeline_lib.TaskSource]:
+    out = pipeline_lib.open_sources(self.data_dir, tasks, split, self.config.data.kind)
+    limit = self.config.data.train_examples if split == "train" else 0
+    if limit:
+      out = [dataclasses.replace(s, source=evaluate_lib.Head(s.source, limit)) for s in out]
+    return out
+
+  def data_config(self, *, product: str, prompt_style: str, batch_size: int,
+                  train: bool) -> pipeline_lib.DataConfig:
+    d = self.config.data
+    return pipeline_lib.DataConfig(
+        product=product, prompt_style=prompt_style, batch_size=batch_size, max_len=d.max_len,
+        length_buckets=tuple(d.length_buckets), seed=self.config.seed, shuffle=train,
+        num_epochs=None if train else 1, drop_remainder=train,
+        min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+        fixed_size=tuple(d.fixed_size) if d.fixed_size else None,
+        num_workers=d.num_workers, on_bad_example=d.on_bad_example)
+
+  def model(self, params: PyTree) -> nnx.Module:
+    return nnx.merge(self.graphdef, nnx.State(optim.cast_floating(params, self.compute_dtype)))
+
+  def sampler(self, max_new_tokens: int, params: PyTree) -> Sampler:
+    """A sampler for `max_new_tokens`, set to `params` (shared by evaluation and rollouts)."""
+    buckets = tuple(sorted(set(self.config.data.length_buckets) | {self.config.data.max_len}))
+    pad_id = self.tokenizer.pad_token_id
+    key = self.program_key("sampler", max_new_tokens, buckets, pad_id)
+    if key in _PROGRAMS:
+      _PROGRAMS[key].update_weights(self.model(params))
+    else:
+      _PROGRAMS[key] = Sampler(
+          self.model(params), max_new_tokens=max_new_tokens,
+          eos_ids=tuple(self.model_config.eos_token_id), pad_id=pad_id, prompt_buckets=buckets,
+          mesh=self.mesh, rules=self.rules)
+    return _PROGRAMS[key]
+
+  def stage_rng(self, stage: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
+
+
+def _setup(config, workdir: str, on_step: StepHook | None) -> Setup:
+  """Mesh, data, tokenizer and the abstract model (no weights yet)."""
+  compute_dtype = sft_loop._dtype(config.compute_dtype)  # pylint: disable=protected-access
+  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  mesh, rules = sharding.mesh_from_config(config.mesh, devices)
+  logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+
+  data_dir = config.data.dir or os.path.join(workdir, "data")
+  if config.data.kind == "synthetic":
+    from cpt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.build_synthetic(data_dir, (*config.tasks, *config.general),
+                              **config.data.synthetic)
+  if config.init.workdir and not config.tokenizer.path and os.path.isdir(
+      os.path.join(config.init.workdir, "tokenizer")):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.tokenizer.path = os.path.join(config.init.workdir, "tokenizer")
+  train_sources = pipeline_lib.open_sources(data_dir, config.tasks, "train", config.data.kind)
+  tokenizer = sft_loop._tokenizer(config, workdir, train_sources)  # pylint: disable=protected-access
+  model_config = sft_loop._model_config(config, tokenizer)  # pylint: disable=protected-access
+
+  abstract_model = nnx.eval_shape(lambda: models.Qwen2_5_VL(
+      model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_params = sft_loop._split_params(abstract_model)  # pylint: disable=protected-access
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(
+      nnx.state(abstract_model, nnx.Param), mesh, rules))
+  abstract_params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
+  return Setup(config=config, workdir=workdir, mesh=mesh, rules=rules, data_dir=data_dir,
+               tokenizer=tokenizer, model_config=model_config, graphdef=graphdef,
+               abstract_params=abstract_params, param_shardings=param_sh,
+               compute_dtype=compute_dtype, on_step=on_step)
+
+
+def _initial_params(setup: Setup) -> PyTree:
+  """The weights the first stage starts from: `init.workdir` > model.pretrained > random."""
+  config = setup.config
+  if config.init.workdir:
+    return checkpoint_lib.restore_params(checkpoints_of(config.init.workdir),
+                                         setup.abstract_params)
+  model = sft_loop._build_model(config, setup.model_config, setup.compute_dtype,  # pylint: disable=protected-access
+                                setup.mesh, setup.rules)
+  return sft_loop._split_params(model)[1]  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _eval_prompt_style(config, method: Method) -> str:
+  if config.eval.prompt_style:
+    return config.eval.prompt_style
+  return "sft" if method.trainer == "sft" else config.rft.prompt_style
+
+
+def evaluate_params(setup: Setup, params: PyTree, prompt_style: str
+                    ) -> dict[str, evaluate_lib.TaskResult]:
+  """Decoded accuracy of `params` on every task of the sequence and every general set."""
+  config = setup.config
+  splits = dict(config.eval.split_per_task)
+  sources = [source for task in (*config.tasks, *config.general)
+             for source in setup.sources([task], splits.get(task, config.eval.split))]
+  evaluator = evaluate_lib.Evaluator(
+      sources, setup.tokenizer,
+      setup.data_config(product="prompt", prompt_style=prompt_style,
+                        batch_size=config.eval.batch_size, train=False),
+      max_examples=config.eval.max_examples)
+  sampler = setup.sampler(config.eval.max_new_tokens, params)
+  generate = evaluate_lib.sampler_generate(
+      sampler, setup.tokenizer, setup.model_config, batch_size=config.eval.batch_size,
+      temperature=config.eval.temperature, key=jax.random.PRNGKey(config.seed + 2))
+  return evaluator(generate)
+
+
+def _write_eval(workdir: str, name: str, results: Mapping[str, evaluate_lib.TaskResult]) -> None:
+  os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
+  path = os.path.join(workdir, "evals", f"{name}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({k: v.to_dict() for k, v in results.items()}, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------ SFT stage
+
+
+class _AnswerTemplate:
+  """Records with the answer rewritten as `template` ('{answer}' marks where it goes): the
+  response format SFT trains on (e.g. '<think> </think> \\\\boxed{{answer}}')."""
+
+  def __init__(self, source: Any, template: str):
+    self.source = source
+    self.template = template
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> Any:
+    record = dict(self.source[index])
+    answer = record["answer"]
+    answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+    record["answer"] = self.template.replace("{answer}", answer).encode()
+    return record
+
+
+def _stage_epochs(section, name: str) -> float:
+  per_task = dict(section.epochs_per_task)
+  return float(per_task.get(name, section.epochs))
+
+
+def train_sft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: int,
+                    stage_dir: str, epochs: float) -> PyTree:
+  """Supervised fine-tuning of `params` on the union of `tasks`; resumes from `stage_dir`."""
+  config = setup.config
+  s = config.sft
+  template = config.data.answer_template
+  sources = setup.sources(tasks, "train")
+  if template != "{answer}":
+    if "{answer}" not in template:
+      raise ValueError(f"data.answer_template {template!r} has no '{{answer}}'")
+    sources = [dataclasses.replace(ts, source=_AnswerTemplate(ts.source, template))
+               for ts in sources]
+  data = pipeline_lib.Pipeline(
+      sources, setup.tokenizer, setup.data_config(product="sft", prompt_style="sft",
+                                                  batch_size=s.batch_size, train=True),
+      model_config=setup.model_config)
+  data_iter = iter(data)
+  num_examples = sum(len(ts.source) for ts in sources)
+  total_steps = s.total_steps or max(1, math.ceil(epochs * num_examples / s.batch_size))
+
+  key = setup.program_key("sft", s.optim.to_json(), total_steps)
+  if key not in _PROGRAMS:
+    optimizer = optim.make_optimizer(s.optim, setup.abstract_params,
+                                     max(1, total_steps // s.optim.grad_accum_steps))
+    abstract_state, state_sh, init = _state_programs(setup, optimizer)
+    step_fn = sft.make_train_step(setup.graphdef, optimizer, compute_dtype=setup.compute_dtype,
+                                  remat_policy=config.remat_policy or None,
+                                  state_sharding=state_sh)
+    _PROGRAMS[key] = (abstract_state, init, step_fn)
+  abstract_state, init, step_fn = _PROGRAMS[key]
+
+  def device_batch(batch):
+    return sharding.shard_batch(sft.device_batch(batch), setup.mesh, rules=setup.rules)
+
+  def train(state, ckpt, writer):
+    step = int(state.step)
+    while step < total_steps:
+      state, metrics = step_fn(state, device_batch(next(data_iter)))
+      step += 1
+      if step % config.log_every == 0 or step == total_steps:
+        writer.write(step, jax.device_get(metrics))
+      _maybe_save(ckpt, step, total_steps, state, data_iter, config)
+      if setup.on_step is not None:
+        setup.on_step(stage, step)
+    return state
+
+  return _run_stage(setup, params, stage, stage_dir, abstract_state, init, data_iter,
+                    total_steps, train,
+                    f"SFT on {'+'.join(tasks)}: {num_examples} examples, {total_steps} steps")
+
+
+# ------------------------------------------------------------------ RFT stage
+
+
+def grpo_config(config):
+  """GRPOConfig of `config.rft` (same fields as the RFT job's `config.rl`)."""
+  view = config.rft.copy_and_resolve_references()
+  with view.unlocked():
+    view.data = dict(max_len=config.data.max_len)
+  return rft.grpo_config(view)
+
+
+def train_rft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: int,
+                    stage_dir: str, epochs: float) -> PyTree:
+  """GRPO on `tasks` from `params` (also the KL reference); resumes from `stage_dir`."""
+  config = setup.config
+  r = config.rft
+  cfg = grpo_config(config)
+  rif_mode = filtering.FilterMode.parse(r.rif.mode)
+  sources = setup.sources(tasks, "train")
+  sampler = setup.sampler(cfg.max_response_length, params)
+  pad_id = setup.tokenizer.pad_token_id
+
+  def prompts(srcs, *, batch_size, train):
+    return pipeline_lib.Pipeline(srcs, setup.tokenizer, setup.data_config(
+        product="prompt", prompt_style=r.prompt_style, batch_size=batch_size, train=train))
+
+  def sample(batch, key, **kw):
+    return rollout.sample_groups(sampler, batch, key=key, cfg=cfg, tokenizer=setup.tokenizer,
+                                 top_k=r.rl.top_k or None, **kw)
+
+  # ---------------------------------------------------------------- offline RIF-RFT
+  rif_stats: dict[str, Any] = {}
+  if rif_mode == filtering.FilterMode.OFFLINE:
+    os.makedirs(stage_dir, exist_ok=True)
+    rif_path = os.path.join(stage_dir, RIF_FILE)
+    if os.path.exists(rif_path):  # a resumed stage keeps the set it chose at its start
+      with open(rif_path) as f:
+        saved = json.load(f)
+      keep_ids, rif_stats = np.asarray(saved["kept_ids"]), saved["stats"]
+    else:
+      # A key stream apart from the iterations' (fold_in(rng, iteration)).
+      key = jax.random.fold_in(setup.stage_rng(stage), 2**31 - 1)
+      keep_ids, rif_stats = rollout.offline_filter(
+          lambda batch: sample(batch, key),
+          prompts(sources, batch_size=cfg.rollout_batch_size, train=False),
+          batch_size=cfg.rollout_batch_size, model_config=setup.model_config,
+          drop_all_wrong=r.rif.drop_all_wrong, drop_all_right=r.rif.drop_all_right)
+      with open(rif_path + ".tmp", "w") as f:
+        json.dump({"kept_ids": keep_ids.tolist(), "stats": rif_stats}, f)
+      os.replace(rif_path + ".tmp", rif_path)
+    logging.info("offline RIF-RFT kept %d of %d instances", rif_stats["num_kept"],
+                 rif_stats["num_instances"])
+    if not len(keep_ids):
+      raise ValueError(f"offline RIF-RFT kept no instance of {list(tasks)}: the model gets every "
+                       "one wrong in all rollouts; train it more before RFT")
+    sources = [pipeline_lib.TaskSource(ts.task, rollout.SubsetSource(ts.source, keep_ids),
+                                       ts.origin) for ts in sources]
+
+  num_examples = sum(len(ts.source) for ts in sources)
+  num_iterations = r.num_iterations or max(1, math.ceil(epochs * num_examples
+                                                        / cfg.rollout_batch_size))
+  micro_steps = (cfg.rollout_batch_size // cfg.update_batch_size * cfg.ppo_epochs
+                 * r.optim.grad_accum_steps)
+  optimizer_steps = max(1, num_iterations * micro_steps // r.optim.grad_accum_steps)
+  data_iter = iter(prompts(sources, batch_size=cfg.rollout_batch_size, train=True))
+
+  key = setup.program_key("rft", r.optim.to_json(), optimizer_steps, cfg, r.rl.old_logprobs,
+                          pad_id, id(sampler))
+  if key not in _PROGRAMS:
+    optimizer = optim.make_optimizer(r.optim, setup.abstract_params, optimizer_steps)
+    abstract_state, state_sh, init = _state_programs(setup, optimizer)
+    # A placeholder reference: the stage's own is set below (the trainer only reads it).
+    trainer = rft.GRPOTrainer(
+        setup.graphdef, optimizer, cfg, setup.model_config,
+        reference_params=params if cfg.kl_enabled else None, sampler=sampler,
+        old_logprobs=r.rl.old_logprobs, compute_dtype=setup.compute_dtype,
+        remat_policy=config.remat_policy or None, mesh=setup.mesh, rules=setup.rules,
+        state_sharding=state_sh, pad_id=pad_id)
+    _PROGRAMS[key] = (abstract_state, init, trainer)
+  abstract_state, init, trainer = _PROGRAMS[key]
+  # The KL anchor is the weights this stage starts from (copied: the state takes `params`).
+  trainer.reference_params = _copy(params) if cfg.kl_enabled else None
+
+  def train(state, ckpt, writer):
+    iteration = int(ckpt.latest_step() or 0)
+    if rif_stats and iteration == 0:
+      writer.write(0, {f"rif/{k}": v for k, v in rif_stats.items()
+                       if isinstance(v, (int, float))})
+    trainer.sync_rollout(state.params)
+    while iteration < num_iterations:
+      t0 = time.perf_counter()
+      key = jax.random.fold_in(state.rng, iteration)
+      draws = iter(range(1 << 30))
+
+      def next_groups():
+        return sample(next(data_iter), jax.random.fold_in(key, next(draws)))
+
+      groups, filter_stats = rollout.collect_groups(
+          next_groups, target=cfg.rollout_batch_size, mode=rif_mode.value, low=r.rif.low,
+          high=r.rif.high, max_batches=r.rif.max_batches or None, pad_id=pad_id,
+          model_config=setup.model_config)
+      t_rollout = time.perf_counter() - t0
+      groups = rollout.add_advantages(groups, cfg)
+      state, metrics = trainer.update(state, groups)
+      trainer.sync_rollout(state.params)
+      iteration += 1
+      metrics.update(rollout.group_stats(groups))
+      metrics.update(filter_stats)
+      metrics["time/rollout"] = t_rollout
+      metrics["time/iteration"] = time.perf_counter() - t0
+      if iteration % config.log_every == 0 or iteration == num_iterations:
+        writer.write(iteration, metrics)
+      _maybe_save(ckpt, iteration, num_iterations, state, data_iter, config)
+      if setup.on_step is not None:
+        setup.on_step(stage, iteration)
+    return state
+
+  try:
+    return _run_stage(setup, params, stage, stage_dir, abstract_state, init, data_iter,
+                      num_iterations, train,
+                      f"RFT on {'+'.join(tasks)}: {num_examples} prompts, {num_iterations} "
+                      f"iterations of {cfg.rollout_batch_size} x {cfg.n} rollouts")
+  finally:
+    trainer.reference_params = None  # the cached trainer must not keep this stage's weights
+
+
+TRAINERS = {"sft": train_sft_stage, "rft": train_rft_stage}
+
+
+# ------------------------------------------------------------------ stage plumbing
+
+
+# One program copies a whole parameter tree (a per-leaf jnp.copy compiles once per shape).
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def _state_programs(setup: Setup, optimizer: optim.Optimizer):
+  """(abstract TrainState with shardings, its shardings, jitted init(params, rng) -> state);
+  init donates `params` (an RFT stage has copied its KL reference before)."""
+  def init_state(params, rng):
+    return optim.create_train_state(params, optimizer, rng)
+  abstract = jax.eval_shape(init_state, setup.abstract_params, jax.random.PRNGKey(0))
+  state_sh = optim.state_shardings(abstract, setup.param_shardings, setup.replicated)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+  init = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)
+  return abstract, state_sh, init
+
+
+def _maybe_save(ckpt, step, total, state, data_iter, config) -> None:
+  preempted = ckpt.reached_preemption(step)
+  if preempted or step == total or step % config.ckpt.every == 0:
+    ckpt.save(step, state, data_iter=data_iter, force=True, metadata={"total": total})
+  if preempted:
+    ckpt.wait()
+    raise Preempted(f"stopped at step {step} of {total}")
+
+
+def _run_stage(setup: Setup, params, stage, stage_dir, abstract_state, init, data_iter, total,
+               train, description: str) -> PyTree:
+  """Restores the stage's latest checkpoint (or starts from `params`), trains, returns the
+  final weights; the checkpointer is closed (pending saves written) even on an error."""
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                     max_to_keep=setup.config.ckpt.keep,
+                                     async_save=setup.config.ckpt.async_save)
+  writer = None
+  try:
+    restored = ckpt.restore_latest(abstract_state, data_iter=data_iter)
+    if restored is not None:
+      state = restored[0]
+    else:
+      state = init(params, setup.stage_rng(stage))
+    start = int(ckpt.latest_step() or 0)
+    writer = writer_lib.MetricWriter(stage_dir, config=setup.config, total_steps=total,
+                                     start_step=start)
+    writer.log("stage %d: %s (from step %d)", stage, description, start)
+    _print(f"stage {stage}: {description}" + (f", resuming at {start}" if start else ""))
+    with sharding.use_mesh(setup.mesh, setup.rules):
+      state = train(state, ckpt, writer)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  return state.params
+
+
+def _print(message: str) -> None:
+  """Progress line on the terminal (process 0), also logged."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    print(f"[cpt] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _step_metrics(workdir: str, stages: Sequence[str]) -> list[dict]:
+  """Per-step metrics of the stages so far (the report's reward-variance plot)."""
+  out = []
+  for j, name in enumerate(stages):
+    stage_dir = os.path.join(workdir, "stages", _stage_dir_name(j, name))
+    if os.path.exists(os.path.join(stage_dir, writer_lib.METRICS_FILE)):
+      out += writer_lib.read_metrics(stage_dir)
+  return out
+
+
+def _write_report(workdir: str, progress: Progress, joint: bool, config) -> dict[str, Any]:
+  general = progress.general
+  before = after = None
+  if general and progress.zero_shot is not None and progress.rows:
+    before = {g: progress.zero_shot[g] for g in general}
+    after = {g: progress.rows[-1][g] for g in general}
+  return report_lib.write_report(
+      workdir, method=progress.method, task_names=progress.tasks,
+      matrix=progress.matrix(joint), general_before=before, general_after=after,
+      step_metrics=_step_metrics(workdir, progress.stages[:len(progress.rows)]),
+      config=config)
+
+
+def _row(results: Mapping[str, evaluate_lib.TaskResult]) -> dict[str, float]:
+  return {task: r.accuracy for task, r in results.items()}
+
+
+def _summary_line(label: str, row: Mapping[str, float]) -> str:
+  return f"{label}: " + ", ".join(f"{t} {v:.3f}" for t, v in row.items())
+
+
+def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the continual sequence of `config` in `workdir`; returns report.json's
+  content plus `preempted`. `on_step(stage, step)` is called after every training step."""
+  if jax.process_count() > 1:
+    raise ValueError("the cpt loop runs in one process (evaluation and rollouts are assembled "
+                     "on one host)")
+  method, config = resolve_method(config)
+  if method.trainer not in TRAINERS:
+    raise ValueError(f"method {config.method!r} names trainer {method.trainer!r}; known: "
+                     f"{sorted(TRAINERS)}")
+  tasks, general = list(config.tasks), list(config.general)
+  if not tasks:
+    raise ValueError("config.tasks is empty: name the task sequence")
+  overlap = sorted(set(tasks) & set(general))
+  if overlap or len(set(tasks)) != len(tasks):
+    raise ValueError(f"tasks must be unique and disjoint from the general sets; tasks {tasks}, "
+                     f"general {general}")
+  os.makedirs(workdir, exist_ok=True)
+  setup = _setup(config, workdir, on_step)
+  config = setup.config
+  stages = [JOINT_STAGE] if method.joint else tasks
+  progress = Progress.load_or_new(workdir, method=config.method, tasks=tasks, general=general,
+                                  stages=stages)
+  eval_style = _eval_prompt_style(config, method)
+  trainer = TRAINERS[method.trainer]
+
+  params = None
+  if progress.zero_shot is None and config.eval.zero_shot:
+    params = _initial_params(setup)
+    _print("evaluating the starting model (zero-shot row)")
+    results = evaluate_params(setup, params, eval_style)
+    _write_eval(workdir, "zero_shot", results)
+    progress.zero_shot = _row(results)
+    progress.save(workdir)
+    _print(_summary_line("zero-shot", progress.zero_shot))
+
+  preempted = False
+  for j, name in enumerate(stages):
+    if j < len(progress.rows):
+      continue  # finished: its weights are loaded below if the next stage needs them
+    if params is None:
+      params = (_initial_params(setup) if j == 0 else checkpoint_lib.restore_params(
+          os.path.join(workdir, "stages", _stage_dir_name(j - 1, stages[j - 1]), "checkpoints"),
+          setup.abstract_params))
+    stage_tasks = tasks if method.joint else [name]
+    section = config.sft if method.trainer == "sft" else config.rft
+    epochs = section.epochs if method.joint else _stage_epochs(section, name)
+    stage_dir = os.path.join(workdir, "stages", _stage_dir_name(j, name))
+    t0 = time.perf_counter()
+    try:
+      params = trainer(setup, params, stage_tasks, j, stage_dir, epochs)
+    except Preempted as e:
+      _print(f"preempted in stage {j} ({name}): {e}")
+      preempted = True
+      break
+    t_train = time.perf_counter() - t0
+    results = evaluate_params(setup, params, eval_style)
+    _write_eval(workdir, _stage_dir_name(j, name), results)
+    progress.rows.append(_row(results))
+    progress.save(workdir)
+    _write_report(workdir, progress, method.joint, config)
+    _print(f"stage {j} ({name}) done: trained {t_train:.0f}s, evaluated "
+           f"{time.perf_counter() - t0 - t_train:.0f}s")
+    _print(_summary_line(f"after {name}", progress.rows[-1]))
+
+  report = (_write_report(workdir, progress, method.joint, config) if progress.rows else {})
+  return {**report, "zero_shot": progress.zero_shot, "preempted": preempted}

@@ -1,0 +1,333 @@
+"""The continual loop (job 'cpt') on a micro config: full accuracy matrix and report files,
+resume after a kill inside task 2 (same final weights and matrix as an uninterrupted run,
+task 1 not redone), method dispatch; and decode-based evaluation against known answers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cpt_jax import checkpoint as checkpoint_lib
+from cpt_jax import models
+from cpt_jax import writer as writer_lib
+from cpt_jax.cl import evaluate as evaluate_lib
+from cpt_jax.cl import loop
+from cpt_jax.cl import report as report_lib
+from cpt_jax.data import pipeline as pipeline_lib
+from cpt_jax.data import prompts
+from cpt_jax.data import synthetic
+from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.rl.sampler import SampleOutput
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # config files import `configs.common`, found from the repo root
+try:
+  from configs.cpt import base  # noqa: E402
+  from configs.demo import default as demo_config  # noqa: E402
+finally:
+  sys.path.remove(ROOT)
+
+TASKS = ("pathvqa", "gqa")
+GENERAL = ("general",)
+SFT_STEPS = 2
+RFT_ITERATIONS = 2
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  """Data of the two tasks + the general set, and a tokenizer trained on their texts."""
+  root = tmp_path_factory.mktemp("cpt")
+  data_dir = root / "data"
+  synthetic.build_synthetic(data_dir, (*TASKS, *GENERAL, "scienceqa", "superclevr"),
+                            train_size=16, test_size=8)
+  corpus = [tokenizer_lib.CHAT_TEMPLATE]
+  for task in (*TASKS, *GENERAL, "scienceqa", "superclevr"):
+    source = synthetic.load_split(data_dir, task, "train")
+    for i in range(len(source)):
+      r = source[i]
+      corpus.append(prompts.prompt_text(task, r["question"].decode(),
+                                        [o.decode() for o in r["options"]], "sft"))
+      corpus.append(r["answer"].decode())
+  tokenizer_lib.train_tokenizer(root / "tokenizer", corpus, vocab_size=320)
+  return root
+
+
+def micro_config(shared, method: str):
+  """The mini demo's continual run on two tasks: same model and programs as tests/test_demo.py,
+  so that one test session compiles them once."""
+  mini = demo_config.get_config("mini")
+  c = mini.runs.sft
+  c.rft = mini.runs.rft.rft
+  c.method = method
+  c.tasks, c.general = TASKS, GENERAL
+  c.data.dir = str(shared / "data")
+  c.data.synthetic = dict(train_size=16, test_size=8, image_size=56, seed=0)
+  c.tokenizer.path = str(shared / "tokenizer")
+  assert (c.sft.total_steps, c.rft.num_iterations) == (SFT_STEPS, RFT_ITERATIONS)
+  c.ckpt.every = 1
+  return c
+
+
+def final_params(workdir):
+  progress = json.loads((workdir / loop.PROGRESS_FILE).read_text())
+  j = len(progress["rows"]) - 1
+  directory = workdir / "stages" / f"{j}_{progress['stages'][j]}" / "checkpoints"
+  return checkpoint_lib.restore_params(directory, None)
+
+
+class Recorder:
+  """on_step hook: records (stage, step) and raises Killed at `kill_at`."""
+
+  class Killed(Exception):
+    pass
+
+  def __init__(self, kill_at=None):
+    self.calls, self.kill_at = [], kill_at
+
+  def __call__(self, stage, step):
+    self.calls.append((stage, step))
+    if (stage, step) == self.kill_at:
+      raise self.Killed
+
+
+@pytest.fixture(scope="module")
+def sft_run(shared):
+  workdir = shared / "sft"
+  hook = Recorder()
+  return workdir, loop.run(micro_config(shared, "sft"), str(workdir), on_step=hook), hook
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def test_sft_run_writes_full_matrix_and_report(sft_run):
+  workdir, result, hook = sft_run
+  assert hook.calls == [(j, s) for j in range(2) for s in range(1, SFT_STEPS + 1)]
+  progress = json.loads((workdir / loop.PROGRESS_FILE).read_text())
+  assert progress["stages"] == list(TASKS) and len(progress["rows"]) == 2
+  assert set(progress["zero_shot"]) == {*TASKS, *GENERAL}
+  matrix = np.array([[row[t] for t in TASKS] for row in progress["rows"]])
+  np.testing.assert_array_equal(result["matrix"], matrix)
+  assert result["num_trained"] == 2 and result["method"] == "sft"
+  assert result["avg_acc"] == pytest.approx(matrix[-1].mean())
+  assert result["fm"] == pytest.approx(matrix[1, 0] - matrix[0, 0])
+  assert result["general"]["general"] == pytest.approx({
+      "before": progress["zero_shot"]["general"], "after": progress["rows"][-1]["general"],
+      "delta": progress["rows"][-1]["general"] - progress["zero_shot"]["general"]})
+  for name in (report_lib.REPORT_JSON, report_lib.MATRIX_CSV, report_lib.REPORT_MD,
+               report_lib.HEATMAP_PNG, report_lib.CURVES_PNG, "evals/zero_shot.json",
+               "evals/0_pathvqa.json", "evals/1_gqa.json"):
+    assert (workdir / name).is_file(), name
+  shown = json.loads((workdir / "evals/1_gqa.json").read_text())
+  assert shown["gqa"]["num_examples"] == 4 and shown["general"]["num_examples"] == 4
+  # SFT metrics per stage, and each stage moved the weights.
+  metrics = writer_lib.read_metrics(workdir / "stages" / "0_pathvqa")
+  assert [m["step"] for m in metrics] == list(range(1, SFT_STEPS + 1))
+  assert "answer_tokens" in metrics[0] and "reward_var_within" not in metrics[0]
+  first = checkpoint_lib.restore_params(workdir / "stages/0_pathvqa/checkpoints", None)
+  last = final_params(workdir)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first),
+                                                      jax.tree.leaves(last)))
+
+
+def test_resume_after_kill_inside_task_two(shared, sft_run):
+  reference_dir, reference, _ = sft_run
+  workdir = shared / "sft_killed"
+  killer = Recorder(kill_at=(1, 1))
+  with pytest.raises(Recorder.Killed):
+    loop.run(micro_config(shared, "sft"), str(workdir), on_step=killer)
+  progress = json.loads((workdir / loop.PROGRESS_FILE).read_text())
+  assert len(progress["rows"]) == 1  # task 1 finished and recorded, task 2 not
+  assert checkpoint_lib.Checkpointer(workdir / "stages/1_gqa/checkpoints",
+                                     handle_sigterm=False).latest_step() == 1
+
+  resumed = Recorder()
+  result = loop.run(micro_config(shared, "sft"), str(workdir), on_step=resumed)
+  assert resumed.calls == [(1, 2)]  # no step of task 1, task 2 from its checkpoint
+  np.testing.assert_array_equal(result["matrix"], reference["matrix"])
+  assert result["zero_shot"] == reference["zero_shot"]
+  for a, b in zip(jax.tree.leaves(final_params(workdir)),
+                  jax.tree.leaves(final_params(reference_dir))):
+    np.testing.assert_array_equal(a, b)
+  metrics = writer_lib.read_metrics(workdir / "stages" / "1_gqa")
+  assert [m["step"] for m in metrics] == list(range(1, SFT_STEPS + 1))
+
+
+def test_rft_resume_and_metrics(shared):
+  """RFT stages log GRPO metrics (reward variance, KL reference forwards), write the variance
+  plot, and a kill inside task 2 resumes to the same weights (rollout keys come from the
+  checkpointed RNG)."""
+  reference_dir = shared / "rft"
+  reference = loop.run(micro_config(shared, "rft"), str(reference_dir))
+  metrics = writer_lib.read_metrics(reference_dir / "stages" / "1_gqa")
+  assert [m["step"] for m in metrics] == list(range(1, RFT_ITERATIONS + 1))
+  assert {"reward_var_within", "grad_norm", "kl"} <= set(metrics[0])
+  assert metrics[0]["reference_forwards"] > 0
+  assert reference["variance_fit"]["num_steps"] == 2 * RFT_ITERATIONS
+  assert (reference_dir / report_lib.VARIANCE_PNG).is_file()
+
+  workdir = shared / "rft_killed"
+  with pytest.raises(Recorder.Killed):
+    loop.run(micro_config(shared, "rft"), str(workdir), on_step=Recorder(kill_at=(1, 1)))
+  resumed = Recorder()
+  result = loop.run(micro_config(shared, "rft"), str(workdir), on_step=resumed)
+  assert resumed.calls == [(1, 2)]
+  np.testing.assert_array_equal(result["matrix"], reference["matrix"])
+  for a, b in zip(jax.tree.leaves(final_params(workdir)),
+                  jax.tree.leaves(final_params(reference_dir))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_multitask_is_one_joint_stage(shared):
+  workdir = shared / "multitask"
+  hook = Recorder()
+  result = loop.run(micro_config(shared, "multitask"), str(workdir), on_step=hook)
+  assert hook.calls == [(0, s) for s in range(1, SFT_STEPS + 1)]
+  progress = json.loads((workdir / loop.PROGRESS_FILE).read_text())
+  assert progress["stages"] == [loop.JOINT_STAGE] and len(progress["rows"]) == 1
+  matrix = np.asarray(result["matrix"])
+  np.testing.assert_array_equal(matrix, np.tile(matrix[:1], (len(TASKS), 1)))
+  assert result["fm"] == 0.0 and result["bwt"] == 0.0 and result["num_trained"] == len(TASKS)
+
+
+def test_rif_rft_filters_before_each_task(shared):
+  config = micro_config(shared, "rif_rft")
+  # The untrained model gets everything wrong; keeping those (and dropping all-right ones)
+  # exercises the filter without emptying the task.
+  config.rft.rif.update(drop_all_wrong=False, drop_all_right=True)
+  config.tasks = TASKS[:1]
+  workdir = shared / "rif_rft"
+  loop.run(config, str(workdir))
+  saved = json.loads((workdir / "stages/0_pathvqa" / loop.RIF_FILE).read_text())
+  assert saved["stats"]["num_instances"] == 16
+  assert len(saved["kept_ids"]) == saved["stats"]["num_kept"] == 16 - saved["stats"][
+      "num_all_right"]
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("sft", {}),
+    ("rft_no_kl", {"rft.rl.use_kl": False}),
+    ("rft_no_cot", {"rft.prompt_style": "rft_no_cot", "rft.rl.reward": "no_cot"}),
+    ("rif_rft", {"rft.rif.mode": "offline"}),
+])
+def test_resolve_method_applies_overrides(method, overrides):
+  c = base.cpt_config()
+  c.method = method
+  resolved_method, resolved = loop.resolve_method(c)
+  assert resolved_method is loop.METHODS[method]
+  for path, value in overrides.items():
+    node = resolved
+    for name in path.split("."):
+      node = node[name]
+    assert node == value
+  assert c.rft.rl.use_kl and c.rft.rif.mode == "none"  # the input config is left alone
+
+
+def test_bad_configs_are_named(shared, tmp_path):
+  c = micro_config(shared, "ppo")
+  with pytest.raises(ValueError, match="unknown method 'ppo'"):
+    loop.run(c, str(tmp_path / "a"))
+  c = micro_config(shared, "sft")
+  c.general = ("pathvqa",)
+  with pytest.raises(ValueError, match="disjoint"):
+    loop.run(c, str(tmp_path / "b"))
+
+
+def test_workdir_of_another_run_is_refused(shared, sft_run):
+  workdir, _, _ = sft_run
+  with pytest.raises(ValueError, match="method=sft"):
+    loop.run(micro_config(shared, "rft"), str(workdir))
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@pytest.fixture(scope="module")
+def eval_setup(shared):
+  tokenizer = tokenizer_lib.load_tokenizer(shared / "tokenizer")
+  sources = pipeline_lib.open_sources(shared / "data", ("scienceqa", "superclevr"), "test",
+                                      "synthetic")
+  config = pipeline_lib.DataConfig(product="prompt", prompt_style="sft", batch_size=3,
+                                   max_len=256, fixed_size=(56, 56), min_pixels=56 * 56)
+  answers = {}
+  for s in sources:
+    for i in range(len(s.source)):
+      answers[s.source[i]["id"].decode()] = s.source[i]["answer"].decode()
+  return tokenizer, sources, config, answers
+
+
+def stub_response(ident: str, answer: str) -> str:
+  """Right for even ids, in four formats; wrong for odd ids (in formats that could fool a
+  sloppy grader)."""
+  k = int(ident.rsplit("-", 1)[1])
+  if k % 2:
+    return {1: f"\\boxed{{{answer}}} no wait \\boxed{{zzz}}", 3: f"not {answer}",
+            5: "", 7: f"\\boxed{{{answer}"}[k]
+  return {0: answer, 2: f"<think>easy</think> \\boxed{{{answer}}}", 4: f"The answer is {answer}.",
+          6: f"  {answer.upper()} "}[k]
+
+
+def test_evaluator_scores_known_answers(eval_setup):
+  tokenizer, sources, config, answers = eval_setup
+  evaluator = evaluate_lib.Evaluator(sources, tokenizer, config, max_examples=8)
+  seen = []
+
+  def generate(batch):
+    seen.append(len(batch["prompt_ids"]))
+    return [stub_response(str(i), answers[str(i)]) for i in batch["id"]]
+
+  results = evaluator(generate)
+  assert seen == [3, 3, 2, 3, 3, 2]  # per task, ordered, last batch partial
+  for task in ("scienceqa", "superclevr"):
+    assert results[task].num_examples == 8
+    assert results[task].accuracy == 0.5  # ids 0, 2, 4, 6 right; 1, 3, 5, 7 wrong
+    assert results[task].format == 1 / 8  # only id 2 has <think>...</think> ... \boxed{}
+    assert results[task].examples[0]["response"] == answers[f"{task}-test-000000"]
+  assert len(results["scienceqa"].examples) == evaluate_lib.NUM_SHOWN
+
+
+def test_evaluator_head_and_no_examples(eval_setup):
+  tokenizer, sources, config, answers = eval_setup
+  results = evaluate_lib.Evaluator(sources[:1], tokenizer, config, max_examples=2)(
+      lambda b: [answers[str(i)] for i in b["id"]])
+  assert results["scienceqa"].num_examples == 2 and results["scienceqa"].accuracy == 1.0
+  with pytest.raises(ValueError, match="2 responses for 3 prompts"):
+    evaluate_lib.Evaluator(sources[:1], tokenizer, config)(lambda b: ["A", "B"])
+
+
+def test_sampler_generate_pads_and_decodes(eval_setup):
+  """The sampler wrapper pads a partial batch to its batch size and drops the padding rows;
+  responses are decoded up to each row's EOS."""
+  tokenizer, sources, config, answers = eval_setup
+  ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+      ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+      ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+  model_config = models.ModelConfig.tiny(vocab_size=len(tokenizer), **ids)
+  eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+  calls = []
+
+  class FakeSampler:
+    def __call__(self, prompt_ids, prompt_mask, *, key, num_samples, temperature, top_p,
+                 pixel_values, image_grid_thw):
+      calls.append((len(prompt_ids), temperature, len(image_grid_thw)))
+      rows = [tokenizer(f"answer {i}", add_special_tokens=False)["input_ids"] + [eos]
+              for i in range(len(prompt_ids))]
+      width = 8
+      tokens = np.full((len(rows), width), pad, np.int32)
+      for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+      lengths = np.array([len(r) for r in rows], np.int32)
+      zeros = np.zeros(tokens.shape, np.float32)
+      return SampleOutput(tokens, zeros, zeros, lengths, np.ones(len(rows), bool), width)
+
+  generate = evaluate_lib.sampler_generate(FakeSampler(), tokenizer, model_config, batch_size=4)
+  batches = list(pipeline_lib.Pipeline(sources[:1], tokenizer, dataclasses.replace(
+      config, shuffle=False, drop_remainder=False)))
+  last = batches[-1]  # 8 = 3 + 3 + 2 rows
+  assert generate(last) == ["answer 0", "answer 1"]
+  assert calls == [(4, 0.0, 4)]

@@ -5,7 +5,7 @@
 
 Writes mean +- std of Acc / AAA / forgetting per method (ER, ParetoCL, and ParetoCL-- which
 evaluates the same ParetoCL model at the fixed preference (0.5, 0.5)), and the alpha sweep
-after the last task (old-task and new-task accuracy per alpha_new, averaged over seeds).
+after the last task (old-task, new-task and all-task accuracy per alpha_new, over seeds).
 """
 from __future__ import annotations
 
@@ -74,7 +74,12 @@ def main(argv):
   if "paretocl" in reports:
     # [seeds, S, 2] after the last task: (old-task mean accuracy, new-task accuracy).
     sweep = np.array([r["sweep"]["old_new_after_task"][-1] for r in reports["paretocl"]])
+    num_tasks = reports["paretocl"][0]["num_tasks"]
+    # Acc (mean over all tasks) of the head at each fixed preference: an oracle choice, since
+    # picking the best alpha uses the test set.
+    sweep_acc = ((num_tasks - 1) * sweep[:, :, 0] + sweep[:, :, 1]) / num_tasks  # [seeds, S]
     summary["sweep_after_last_task"] = {
+        "acc_mean": sweep_acc.mean(0).tolist(), "acc_std": sweep_acc.std(0).tolist(),
         "alpha_new": reports["paretocl"][0]["sweep"]["alpha_new"],
         "old_acc_mean": sweep[:, :, 0].mean(0).tolist(),
         "new_acc_mean": sweep[:, :, 1].mean(0).tolist(),
@@ -89,8 +94,9 @@ def main(argv):
           f"forgetting {stats['forgetting']['mean']:7.2f} +- {stats['forgetting']['std']:5.2f}")
   if "sweep_after_last_task" in summary:
     s = summary["sweep_after_last_task"]
-    for a, old, new in zip(s["alpha_new"], s["old_acc_mean"], s["new_acc_mean"]):
-      print(f"alpha_new {a:4.2f}: old {old:6.2f}  new {new:6.2f}")
+    for i, alpha_new in enumerate(s["alpha_new"]):
+      print(f"alpha_new {alpha_new:4.2f}: old {s['old_acc_mean'][i]:6.2f}  "
+            f"new {s['new_acc_mean'][i]:6.2f}  Acc {s['acc_mean'][i]:6.2f}")
   print(f"summary: {out}")
 
 

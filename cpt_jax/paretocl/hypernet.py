@@ -18,9 +18,10 @@ from flax import nnx
 class PreferenceHypernet(nnx.Module):
   """MLP num_objectives -> hidden (x num_hidden_layers, ReLU) -> one linear output per array.
 
-  `out_shapes` names the generated arrays and their shapes; `out_fan_in` optionally gives the
-  fan-in each generated array will have when used as a weight (default 1), so that its
-  entries start no larger than the 1/sqrt(fan_in) scale of a directly initialised layer.
+  `out_shapes` names the generated arrays and their shapes. `out_fan_in` marks arrays used as
+  weights with that fan-in: each starts distributed like a directly initialised weight,
+  N(0, 1/fan_in), from its output layer's bias (the alpha-independent part), plus a smaller
+  alpha-dependent part. Other arrays start small (std <= 1/sqrt(hidden)) around zero.
   Calling with alpha [..., num_objectives] returns {name: array [..., *shape]}.
   """
 
@@ -40,10 +41,12 @@ class PreferenceHypernet(nnx.Module):
     outputs = {}
     for name, shape in self.out_shapes.items():
       # The trunk's ReLU features have E[h^2] <= 1 for alpha on the simplex, so a kernel of
-      # std 1/sqrt(hidden * fan_in) gives generated entries of std <= 1/sqrt(fan_in).
+      # std 1/sqrt(hidden * fan_in) keeps the alpha-dependent part below 1/sqrt(fan_in).
       std = 1.0 / math.sqrt(hidden * fan_in.get(name, 1))
+      bias_init = (nnx.initializers.normal(1.0 / math.sqrt(fan_in[name])) if name in fan_in
+                   else nnx.initializers.zeros_init())
       outputs[name] = nnx.Linear(hidden, math.prod(shape), kernel_init=nnx.initializers.normal(std),
-                                 rngs=rngs)
+                                 bias_init=bias_init, rngs=rngs)
     self.outputs = nnx.Dict(outputs)
 
   def __call__(self, alpha: jax.Array) -> dict[str, jax.Array]:

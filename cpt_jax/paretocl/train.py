@@ -160,7 +160,8 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mean, std):
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "grad_norm_head": optax.tree.norm(grads.head), **aux}
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(train_step, donate_argnums=0)

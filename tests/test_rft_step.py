@@ -94,7 +94,9 @@ def make_groups(config, num_groups: int, seed: int = 0) -> dict:
 
 
 def reference_logprob_fn(setup):
-  """The model's own forward on full rows, images repeated per response."""
+  """The model's own forward on full rows, images repeated per response (jitted once)."""
+  if "reference" in setup:
+    return setup["reference"]
   config, graphdef = setup["config"], setup["graphdef"]
 
   @jax.jit
@@ -115,6 +117,7 @@ def reference_logprob_fn(setup):
     extra = prepare_inputs(config, ids, mask, grids)
     return (ids, mask, pixels, extra["position_ids"], extra["vision_inputs"]), mask[:, -N:]
 
+  setup["reference"] = forward, prepare
   return forward, prepare
 
 
@@ -144,7 +147,7 @@ def fresh_state(setup):
 
 
 def test_response_logprobs_equal_the_models_full_forward(setup):
-  groups = make_groups(setup["config"], 4)
+  groups = make_groups(setup["config"], 2)  # a micro-batch's shape: the programs are reused
   forward, prepare = reference_logprob_fn(setup)
   args, mask = prepare(groups)
   expected = np.asarray(forward(setup["params"], *args))
@@ -161,8 +164,11 @@ def test_step_loss_and_gradient_match_hand_reference(setup):
   trainer, config = setup["trainer"], setup["config"]
   groups = make_groups(config, 4)
   forward, prepare = reference_logprob_fn(setup)
-  args, mask = prepare(groups)
-  logp = np.asarray(forward(setup["params"], *args), np.float64)  # [8, N]
+  # Scored as the two micro-batches (2 groups each), so that one program serves all calls.
+  halves = [prepare(rollout.take_rows(groups, rows, config)) for rows in ([0, 1], [2, 3])]
+  mask = np.concatenate([m for _, m in halves])
+  logp = np.concatenate([np.asarray(forward(setup["params"], *args), np.float64)
+                         for args, _ in halves])  # [8, N]
   rng = np.random.default_rng(1)
   # log(pi / pi_old) in {-0.9, -0.3, 0, 0.2, 0.6, 1.4}: below, inside, above the clip range,
   # and beyond the dual clip (ratio 4 > 3) for negative advantages.
@@ -174,8 +180,11 @@ def test_step_loss_and_gradient_match_hand_reference(setup):
   np.testing.assert_allclose(adv, hand_adv.reshape(-1), rtol=1e-6)
   loss, dloss_dlogp, clip_frac = hand_grpo(logp, old, ref, adv, mask)
   assert 0 < clip_frac < 0.8
-  _, pullback = jax.vjp(lambda p: forward(p, *args), setup["params"])
-  (hand_grad,) = pullback(jnp.asarray(dloss_dlogp, jnp.float32))
+  pulled = []
+  for i, (args, _) in enumerate(halves):
+    _, pullback = jax.vjp(lambda p, args=args: forward(p, *args), setup["params"])
+    pulled.append(pullback(jnp.asarray(dloss_dlogp[4 * i:4 * i + 4], jnp.float32))[0])
+  hand_grad = jax.tree.map(lambda a, b: a + b, *pulled)
 
   (micro,) = trainer.micro_batches_of(groups)
   assert len(micro) == ACCUM and all(len(m["input_ids"]) == 4 for m in micro)

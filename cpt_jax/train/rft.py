@@ -52,6 +52,9 @@ RIF_FILE = "rif_offline.json"
 DEVICE_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "pixel_values",
                "vision_inputs", "image_feature_index", "advantages", "old_logprobs",
                "ref_logprobs", "loss_scale")
+# What the policy forward reads (pi_old and pi_ref are scored from these alone).
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "pixel_values",
+                "vision_inputs", "image_feature_index")
 # Images and their metadata are whole-batch arrays, not split along the rows.
 _REPLICATED = {"pixel_values": None, "vision_inputs": None, "image_feature_index": None,
                "loss_scale": None}
@@ -263,7 +266,7 @@ class GRPOTrainer:
       # Score pi_old and pi_ref for every micro-batch before the first update changes the actor.
       for micro in steps:
         for batch in micro:
-          device = self._device(batch)
+          device = self._device({k: v for k, v in batch.items() if k in FORWARD_KEYS})
           if self.old_logprobs == "recompute":
             t = time.perf_counter()
             batch["old_logprobs"] = jax.block_until_ready(self.logprob_fn(state.params, device))
@@ -410,6 +413,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         json.dump({"kept_ids": keep_ids.tolist(), "stats": rif_stats}, f)
     logging.info("offline RIF-RFT kept %d of %d instances (%.3f)", rif_stats["num_kept"],
                  rif_stats["num_instances"], rif_stats["kept_fraction"])
+    if not len(keep_ids):
+      raise ValueError(f"offline RIF-RFT kept no instance of {list(config.data.tasks)}: the "
+                       "model fails every one in all rollouts; train it more (e.g. SFT) first")
     train_sources = [pipeline_lib.TaskSource(ts.task, rollout.SubsetSource(ts.source, keep_ids),
                                              ts.origin) for ts in train_sources]
   num_examples = sum(len(ts.source) for ts in train_sources)

@@ -1,9 +1,13 @@
 """GRPO RFT of Qwen2.5-VL-7B-Instruct on one continual post-training task (paper hyperparameters).
 
-  python -m cpt_jax.main --config=configs/rft_qwen2_5_vl_7b.py:task=scienceqa,ckpt=/ckpt/Qwen2.5-VL-7B-Instruct \\
-      --config.data.dir=/data/tfds --workdir=gs://bucket/rft/scienceqa
-  # later tasks start from the previous task's run:
-  python -m cpt_jax.main --config=configs/rft_qwen2_5_vl_7b.py:task=textvqa,init=gs://bucket/rft/scienceqa ...
+  python -m cpt_jax.main \\
+      --config=configs/rft_qwen2_5_vl_7b.py:task=scienceqa,ckpt=/ckpt/Qwen2.5-VL-7B-Instruct \\
+      --config.data.dir=/data/tfds --workdir=/runs/rft/scienceqa
+  # later tasks start from the previous task's run (its weights; the tokenizer of `ckpt`):
+  python -m cpt_jax.main \\
+      --config=configs/rft_qwen2_5_vl_7b.py:task=textvqa,ckpt=/ckpt/Qwen2.5-VL-7B-Instruct \\
+      --config.init.workdir=/runs/rft/scienceqa --config.data.dir=/data/tfds \\
+      --workdir=/runs/rft/textvqa
   # RIF-RFT: add rif=offline (the paper) or rif=online (DAPO-style extension).
 
 Paper (Lai et al. 2025, "GRPO as the authors ran it"): n = 8 rollouts per prompt at

@@ -153,7 +153,7 @@ def test_response_logprobs_equal_the_models_full_forward(setup):
   expected = np.asarray(forward(setup["params"], *args))
   batch = rollout.training_batch(groups, setup["config"])
   got = np.asarray(setup["trainer"].logprob_fn(
-      setup["params"], setup["trainer"]._device(batch)))  # pylint: disable=protected-access
+      setup["params"], setup["trainer"].device_batch(batch)))
   np.testing.assert_allclose(got * mask, expected * mask, atol=2e-5)
   assert np.ptp(expected[mask == 1]) > 1.0  # log-probs vary: the comparison is not trivial
 
@@ -194,7 +194,7 @@ def test_step_loss_and_gradient_match_hand_reference(setup):
     rows = slice(4 * i, 4 * i + 4)
     batch = dict(batch, old_logprobs=old[rows].astype(np.float32),
                  ref_logprobs=ref[rows].astype(np.float32))
-    state, metrics = trainer.train_step(state, trainer._device(batch))  # pylint: disable=protected-access
+    state, metrics = trainer.train_step(state, trainer.device_batch(batch))
     losses.append(float(metrics["loss"]))
     weights.append(mask[rows].sum())
     assert int(metrics["skipped"]) == 0
@@ -223,7 +223,7 @@ def test_masked_tokens_do_not_matter(setup):
     for batch in trainer.micro_batches_of(g)[0]:
       batch = dict(batch, old_logprobs=np.zeros((4, N), np.float32),
                    ref_logprobs=np.zeros((4, N), np.float32))
-      state, metrics = trainer.train_step(state, trainer._device(batch))  # pylint: disable=protected-access
+      state, metrics = trainer.train_step(state, trainer.device_batch(batch))
     results.append((float(metrics["loss"]), state.params))
   assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):

@@ -46,6 +46,11 @@ from cpt_jax.train import loop as loop_lib
 from cpt_jax.train import optim
 
 PyTree = Any
+# The SFT job's helpers, so that both jobs agree on tokenizer, model config and initial weights.
+# pylint: disable=protected-access
+_dtype, _tokenizer, _model_config = loop_lib._dtype, loop_lib._tokenizer, loop_lib._model_config
+_build_model, _split_params = loop_lib._build_model, loop_lib._split_params
+# pylint: enable=protected-access
 OLD_LOGPROBS = ("recompute", "sampler")
 RIF_FILE = "rif_offline.json"
 # Batch entries the policy forward and the loss read (the rest stays on the host).
@@ -213,7 +218,7 @@ class GRPOTrainer:
       return contextlib.nullcontext()
     return sharding.use_mesh(self.mesh, self.rules)
 
-  def _device(self, batch: dict) -> dict:
+  def device_batch(self, batch: dict) -> dict:
     """The device part of a host training batch; arrays already on the devices stay put."""
     host = {k: v for k, v in batch.items()
             if k in DEVICE_KEYS and v is not None and not isinstance(v, jax.Array)}
@@ -266,7 +271,7 @@ class GRPOTrainer:
       # Score pi_old and pi_ref for every micro-batch before the first update changes the actor.
       for micro in steps:
         for batch in micro:
-          device = self._device({k: v for k, v in batch.items() if k in FORWARD_KEYS})
+          device = self.device_batch({k: v for k, v in batch.items() if k in FORWARD_KEYS})
           if self.old_logprobs == "recompute":
             t = time.perf_counter()
             batch["old_logprobs"] = jax.block_until_ready(self.logprob_fn(state.params, device))
@@ -287,7 +292,7 @@ class GRPOTrainer:
       for _ in range(self.cfg.ppo_epochs):
         for micro in steps:
           for batch in micro:
-            state, metrics = self.train_step(state, self._device(batch))
+            state, metrics = self.train_step(state, self.device_batch(batch))
             history.append(metrics)
       history = jax.device_get(history)
     timings["time/update"] = time.perf_counter() - t
@@ -327,7 +332,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     raise ValueError("the RFT job runs in one process (rollout batches are assembled on one "
                      "host); multi-process RFT is not implemented")
   os.makedirs(workdir, exist_ok=True)
-  compute_dtype = loop_lib._dtype(config.compute_dtype)  # pylint: disable=protected-access
+  compute_dtype = _dtype(config.compute_dtype)
   cfg = grpo_config(config)
   rif_mode = filtering.FilterMode.parse(config.rif.mode)
 
@@ -343,12 +348,13 @@ def run(config, workdir: str) -> dict[str, Any]:
   train_sources = pipeline_lib.open_sources(data_dir, config.data.tasks, "train",
                                             config.data.kind)
   init_dir = config.init.workdir
-  if init_dir and not config.tokenizer.path and os.path.isdir(os.path.join(init_dir, "tokenizer")):
+  init_tokenizer = os.path.join(init_dir, "tokenizer") if init_dir else ""
+  if init_tokenizer and not config.tokenizer.path and os.path.isdir(init_tokenizer):
     config = config.copy_and_resolve_references()
     with config.unlocked():
-      config.tokenizer.path = os.path.join(init_dir, "tokenizer")
-  tokenizer = loop_lib._tokenizer(config, workdir, train_sources)  # pylint: disable=protected-access
-  model_config = loop_lib._model_config(config, tokenizer)  # pylint: disable=protected-access
+      config.tokenizer.path = init_tokenizer
+  tokenizer = _tokenizer(config, workdir, train_sources)
+  model_config = _model_config(config, tokenizer)
   eos_ids = tuple(model_config.eos_token_id)
   pad_id = tokenizer.pad_token_id
 
@@ -360,7 +366,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   # Abstract first: a resumed run never builds (or loads) weights it then overwrites.
   abstract_model = nnx.eval_shape(lambda: models.Qwen2_5_VL(
       model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)))
-  graphdef, abstract_params = loop_lib._split_params(abstract_model)  # pylint: disable=protected-access
+  graphdef, abstract_params = _split_params(abstract_model)
   param_sh = nnx.to_pure_dict(sharding.param_shardings(
       nnx.state(abstract_model, nnx.Param), mesh, rules))
   abstract_params = jax.tree.map(
@@ -374,8 +380,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     if init_dir:
       return checkpoint_lib.restore_params(os.path.join(init_dir, "checkpoints"),
                                            abstract_params)
-    model = loop_lib._build_model(config, model_config, compute_dtype, mesh, rules)  # pylint: disable=protected-access
-    return loop_lib._split_params(model)[1]  # pylint: disable=protected-access
+    return _split_params(_build_model(config, model_config, compute_dtype, mesh, rules))[1]
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.ckpt.keep,

@@ -11,8 +11,9 @@ bandwidth of this machine with the weight bytes a decode step reads (the bound o
   python benchmarks/sampler.py --out=/tmp/sampler.json
   python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
 
-Peers (--peers) run in their own processes from the peer venv, one after the other in this job,
-so their numbers and ours come from the same machine state; `ratios` divides ours by theirs.
+Peers (--peers) run in their own processes from the peer venv, after ours in the same job;
+`ratios` divides ours by theirs. On a shared machine compare ratios of one job only and read
+them next to the 1-minute load average recorded with every timed call.
 """
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ _MULTIMODAL = flags.DEFINE_bool("multimodal", True, "Measure image vs text prefi
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the Tunix and HF peer generate benchmarks.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
+# XLA:CPU hands small-batch dots to YNNPACK by default; on this 2-core AVX2 VM its kernels cost
+# ~20% more CPU time per decode step than XLA's own (Eigen) dot path. Added to XLA_FLAGS for our
+# process only; the peers run with the environment they were given.
+_XLA_CPU_FLAGS = flags.DEFINE_string(
+    "xla_cpu_flags", "--xla_cpu_experimental_ynn_fusion_type=",
+    "Appended to XLA_FLAGS before the backend starts ('' for XLA's defaults).")
 
 # The peers' shapes (../shared/peers/_common.py SIZES): q/k/v bias, RMSNorm eps 1e-6, untied.
 SIZES = {
@@ -153,6 +160,13 @@ def bench_generate(size: str) -> dict:
     r["tokens_per_s"] = round(BATCH * NEW_TOKENS / r["median_s"], 2)
     r["new_tokens_per_row_seen"] = sorted(lengths)
     out[f"generate_{mode}"] = r
+  # Where the time goes: the same call with one new token is prefill + first token alone.
+  prefill = Sampler(model, max_new_tokens=1, eos_ids=(), pad_id=0, prompt_buckets=(PROMPT_LEN,))
+  r = _timed(lambda: prefill(prompts, mask, key=jax.random.key(0), temperature=0.0),
+             _WARMUP.value, _REPEATS.value)
+  decode_s = (out["generate_greedy"]["median_s"] - r["median_s"]) / (NEW_TOKENS - 1)
+  out["prefill_greedy"] = r
+  out["decode_step_ms_greedy"] = round(1e3 * decode_s, 2)
   return out
 
 
@@ -202,11 +216,11 @@ def bench_multimodal_prefill(image_size: int = 224, text_tokens: int = 32) -> di
   return out
 
 
-def run_peer(script: str, size: str) -> dict:
+def run_peer(script: str, size: str, env: dict) -> dict:
   command = [_PEER_PYTHON.value, os.path.join(_PEER_DIR.value, script), "--size", size,
              "--workload", "generate"]
   load = _load()
-  proc = subprocess.run(command, capture_output=True, text=True, check=False)
+  proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     return dict(command=" ".join(command), error=proc.stderr[-2000:])
@@ -217,6 +231,10 @@ def run_peer(script: str, size: str) -> dict:
 
 def main(argv) -> None:
   del argv
+  peer_env = dict(os.environ)
+  # XLA reads XLA_FLAGS when the CPU backend starts, at the first computation below.
+  os.environ["XLA_FLAGS"] = " ".join(
+      f for f in (os.environ.get("XLA_FLAGS", ""), _XLA_CPU_FLAGS.value) if f)
   report = dict(host=dict(python=sys.version.split()[0], platform=platform.platform(),
                           jax=jax.__version__, nproc=os.cpu_count(),
                           xla_flags=os.environ.get("XLA_FLAGS", "")),
@@ -239,7 +257,7 @@ def main(argv) -> None:
     for size in _SIZES.value:
       for script in ("tunix_bench.py", "hf_bench.py"):
         peer = script.split("_")[0]
-        result = run_peer(script, size)
+        result = run_peer(script, size, peer_env)
         report["peers"][f"{peer}_{size}"] = result
         for mode in MODES:
           theirs = result.get("results", {}).get(f"generate_{mode}", {}).get("tokens_per_s")

@@ -17,11 +17,14 @@ Log-probabilities, both per generated token:
   * `logprobs`: log q(token), q the distribution the token was drawn from (temperature, top-k,
     top-p applied and renormalised; 0 under greedy decoding, a point mass).
   * `policy_logprobs`: log pi_theta(token) = log_softmax(logits)[token] at temperature 1 without
-    any filtering. This is the quantity GRPO's importance ratio and KL use: the trainer must score
-    tokens with the same convention (plain log_softmax of the model's logits), so that before
-    any update pi_theta / pi_old = 1 up to float rounding of cached vs. full-sequence attention.
-    The paper samples at temperature 1.0 with top_p 0.99, where the two differ only by the
-    top-p renormalisation.
+    any filtering: the quantity GRPO's importance ratio and KL use. The trainer must score tokens
+    with the same convention (plain log_softmax of the model's logits) so that, before any
+    update, pi_theta / pi_old = 1 up to the rounding of cached vs. full-sequence attention;
+    these values can then serve as pi_old without another forward pass. (verl instead scores
+    log_softmax(logits / T_rollout); at the paper's T = 1.0 the two agree.)
+
+Rows are grouped by prompt (row i * num_samples + j is sample j of prompt i), so per-row values
+reshape to [prompts, num_samples] for group advantages.
 
 Weights are a jit argument (graphdef and state are split once), so `update_weights` after an
 optimiser step reuses the compiled programs.

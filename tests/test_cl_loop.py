@@ -27,7 +27,7 @@ from cpt_jax.rl.sampler import SampleOutput
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # config files import `configs.common`, found from the repo root
 try:
-  from configs.cpt import base  # noqa: E402
+  from configs.cpt import base, qwen2_5_vl_7b  # noqa: E402
   from configs.demo import default as demo_config  # noqa: E402
 finally:
   sys.path.remove(ROOT)
@@ -70,6 +70,7 @@ def micro_config(shared, method: str):
   c.tokenizer.path = str(shared / "tokenizer")
   assert (c.sft.total_steps, c.rft.num_iterations) == (SFT_STEPS, RFT_ITERATIONS)
   c.ckpt.every = 1
+  c.report_every_stage = True
   return c
 
 
@@ -143,6 +144,8 @@ def test_resume_after_kill_inside_task_two(shared, sft_run):
     loop.run(micro_config(shared, "sft"), str(workdir), on_step=killer)
   progress = json.loads((workdir / loop.PROGRESS_FILE).read_text())
   assert len(progress["rows"]) == 1  # task 1 finished and recorded, task 2 not
+  partial = report_lib.load_report(workdir)  # the report is rewritten after every task
+  assert partial["num_trained"] == 1 and partial["matrix"] == reference["matrix"][:1]
   assert checkpoint_lib.Checkpointer(workdir / "stages/1_gqa/checkpoints",
                                      handle_sigterm=False).latest_step() == 1
 
@@ -226,6 +229,30 @@ def test_resolve_method_applies_overrides(method, overrides):
       node = node[name]
     assert node == value
   assert c.rft.rl.use_kl and c.rft.rif.mode == "none"  # the input config is left alone
+
+
+def test_paper_config():
+  c = qwen2_5_vl_7b.get_config("method=rif_rft,ckpt=/ckpt")
+  assert c.job == "cpt" and c.method == "rif_rft" and c.model.pretrained == "/ckpt"
+  assert c.tasks == ("scienceqa", "textvqa", "vizwiz", "gqa", "geometry3k", "pathvqa",
+                     "superclevr")
+  assert c.general == ("mmmu", "mmlu_pro", "pope") and c.compute_dtype == "bfloat16"
+  assert (c.sft.optim.lr, c.sft.optim.schedule, c.sft.optim.warmup_ratio, c.sft.epochs) == (
+      1e-5, "cosine", 0.1, 1.0)
+  assert (c.rft.optim.lr, c.rft.optim.weight_decay, c.rft.optim.grad_clip_norm) == (
+      1e-6, 0.01, 1.0)
+  rl = c.rft.rl
+  assert (rl.n, rl.temperature, rl.top_p, rl.eps_low, rl.eps_high, rl.dual_clip, rl.kl_coef,
+          rl.kl_estimator, rl.rollout_batch_size, rl.update_batch_size, rl.reward) == (
+      8, 1.0, 0.99, 0.2, 0.3, 3.0, 0.01, "low_var_kl", 512, 128, "cot_boxed")
+  epochs = [c.rft.epochs_per_task.get(t, c.rft.epochs) for t in c.tasks]
+  assert epochs == [5, 1, 1, 1, 10, 1, 3]
+  assert (c.data.min_pixels, c.data.max_pixels, c.data.max_len, rl.max_response_length) == (
+      200_704, 1_003_520, 4096, 1024)
+  _, resolved = loop.resolve_method(c)
+  assert resolved.rft.rif.mode == "offline" and resolved.rft.rif.drop_all_wrong
+  with pytest.raises(ValueError, match="method must be one of"):
+    qwen2_5_vl_7b.get_config("method=ppo")
 
 
 def test_bad_configs_are_named(shared, tmp_path):

@@ -72,6 +72,7 @@ def cpt_config() -> ml_collections.ConfigDict:
       prompt_style="",          # '' -> the trainer's ('sft' for SFT, rft.prompt_style for RFT)
       zero_shot=True,           # evaluate the starting model before the first task
   )
+  c.report_every_stage = True   # rewrite the report files after every stage (else at the end)
   c.log_every = 10
   c.ckpt = dict(every=200, keep=2, async_save=True)
   c.mesh = sharding.mesh_config()

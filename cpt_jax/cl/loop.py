@@ -17,7 +17,10 @@ Methods (`config.method`, registry `METHODS`):
 Each stage starts from the previous stage's final weights, with a fresh optimiser and learning
 rate schedule. Before the first stage the starting model is evaluated (the zero-shot row and
 'general before'); after every stage the matrix row is recorded and the report rewritten
-(`cl.report.write_report`, partial matrices included).
+(`cl.report.write_report`, partial matrices included; `report_every_stage=False`: at the end).
+Evaluation decodes every test prompt (greedy by default) and grades it with the papers' answer
+extraction (`cl.evaluate`); the RFT stages' step metrics (within-group reward variance, gradient
+norm) feed the report's variance plot.
 
 Workdir:
   progress.json           the loop's resume state: zero-shot row, one row per finished stage
@@ -29,7 +32,8 @@ Workdir:
 A killed run restarts inside the stage it was on, from that stage's latest checkpoint (state,
 data position, RNG); finished stages are never redone. Runs are deterministic (greedy
 evaluation, rollout keys from the checkpointed RNG), so a resumed run ends with the same
-numbers as an uninterrupted one.
+numbers as an uninterrupted one. A workdir refuses a config whose method, tasks or results-
+relevant sections (`SETTINGS`) differ from the run it holds.
 """
 from __future__ import annotations
 
@@ -128,6 +132,7 @@ class Progress:
   tasks: list[str]
   general: list[str]
   stages: list[str]
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the rows depend on
   zero_shot: dict[str, float] | None = None
   rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
@@ -139,7 +144,13 @@ class Progress:
     with open(path) as f:
       saved = cls(**json.load(f))
     for key, value in fields.items():
-      if getattr(saved, key) != value:
+      if key == "settings":
+        changed = sorted(k for k in set(value) | set(saved.settings)
+                         if value.get(k) != saved.settings.get(k))
+        if changed:
+          raise ValueError(f"{workdir} holds a run whose config differs in {changed}; use "
+                           "another workdir")
+      elif getattr(saved, key) != value:
         raise ValueError(f"{workdir} holds a run with {key}={getattr(saved, key)}, but the config "
                          f"asks for {value}; use another workdir")
     return saved
@@ -157,6 +168,20 @@ class Progress:
     for j, row in enumerate(rows):
       a[j] = [row[t] for t in self.tasks]
     return a
+
+
+# Config sections a run's results depend on; a resumed run must not change them.
+SETTINGS = ("seed", "data", "model", "init", "compute_dtype", "sft", "rft", "eval")
+
+
+def _settings(config) -> dict[str, Any]:
+  out = {}
+  for key in SETTINGS:
+    value = config[key]
+    out[key] = json.loads(value.to_json()) if hasattr(value, "to_json") else value
+  out["data"].pop("num_workers")  # how fast, not what
+  out["eval"].pop("zero_shot")
+  return out
 
 
 def checkpoints_of(run_dir: str) -> str:
@@ -207,6 +232,7 @@ class Setup:
   param_shardings: PyTree
   compute_dtype: Any
   on_step: StepHook | None = None
+  opened: dict = dataclasses.field(default_factory=dict)  # (task, split) -> TaskSource
 
   def program_key(self, kind: str, *parts) -> tuple:
     """Cache key of a jitted program: everything its compilation depends on."""
@@ -218,7 +244,12 @@ class Setup:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def sources(self, tasks: Sequence[str], split: str) -> list[pipeline_lib.TaskSource]:
-    out = pipeline_lib.open_sources(self.data_dir, tasks, split, self.config.data.kind)
+    """The splits of `tasks` (opened once per run; training splits cut to data.train_examples)."""
+    for task in tasks:
+      if (task, split) not in self.opened:
+        self.opened[task, split] = pipeline_lib.open_sources(
+            self.data_dir, [task], split, self.config.data.kind)[0]
+    out = [self.opened[task, split] for task in tasks]
     limit = self.config.data.train_examples if split == "train" else 0
     if limit:
       out = [dataclasses.replace(s, source=evaluate_lib.Head(s.source, limit)) for s in out]
@@ -341,8 +372,9 @@ def _write_eval(workdir: str, name: str, results: Mapping[str, evaluate_lib.Task
 
 
 class _AnswerTemplate:
-  """Records with the answer rewritten as `template` ('{answer}' marks where it goes): the
-  response format SFT trains on (e.g. '<think> </think> \\\\boxed{{answer}}')."""
+  """Records with the answer rewritten as `template`, where '{answer}' marks the answer: the
+  response SFT trains on ('<think> </think> \\boxed{{answer}}' turns '3' into
+  '<think> </think> \\boxed{3}')."""
 
   def __init__(self, source: Any, template: str):
     self.source = source
@@ -664,7 +696,7 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
   config = setup.config
   stages = [JOINT_STAGE] if method.joint else tasks
   progress = Progress.load_or_new(workdir, method=config.method, tasks=tasks, general=general,
-                                  stages=stages)
+                                  stages=stages, settings=_settings(config))
   eval_style = _eval_prompt_style(config, method)
   trainer = TRAINERS[method.trainer]
 
@@ -678,7 +710,7 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
     progress.save(workdir)
     _print(_summary_line("zero-shot", progress.zero_shot))
 
-  preempted = False
+  preempted, report = False, None
   for j, name in enumerate(stages):
     if j < len(progress.rows):
       continue  # finished: its weights are loaded below if the next stage needs them
@@ -702,10 +734,13 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
     _write_eval(workdir, _stage_dir_name(j, name), results)
     progress.rows.append(_row(results))
     progress.save(workdir)
-    _write_report(workdir, progress, method.joint, config)
+    report = None
+    if config.report_every_stage or len(progress.rows) == len(stages):
+      report = _write_report(workdir, progress, method.joint, config)
     _print(f"stage {j} ({name}) done: trained {t_train:.0f}s, evaluated "
            f"{time.perf_counter() - t0 - t_train:.0f}s")
     _print(_summary_line(f"after {name}", progress.rows[-1]))
 
-  report = (_write_report(workdir, progress, method.joint, config) if progress.rows else {})
-  return {**report, "zero_shot": progress.zero_shot, "preempted": preempted}
+  if report is None and progress.rows:  # nothing trained in this call, or a partial matrix
+    report = _write_report(workdir, progress, method.joint, config)
+  return {**(report or {}), "zero_shot": progress.zero_shot, "preempted": preempted}

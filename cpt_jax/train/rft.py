@@ -43,7 +43,7 @@ from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.rl import filtering, grpo, rewards, rollout
 from cpt_jax.rl.sampler import Sampler
 from cpt_jax.train import loop as loop_lib
-from cpt_jax.train import optim
+from cpt_jax.train import optim, sft
 
 PyTree = Any
 # The SFT job's helpers, so that both jobs agree on tokenizer, model config and initial weights.
@@ -91,8 +91,7 @@ def response_logprobs(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> ja
     x = jnp.where(is_image[..., None], features[token], x)
   hidden, _ = model.language_model(x, batch["position_ids"], batch["attention_mask"])
   logits = model.logits(hidden[:, start - 1:-1])  # [R, N, V]: position t predicts token t + 1
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, ids[:, start:, None], axis=-1)[..., 0]
+  return sft.target_logprobs(logits, ids[:, start:])
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, *, compute_dtype=None) -> Callable:

@@ -43,14 +43,25 @@ def forward(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> jax.Array:
   return model(batch["input_ids"], **kwargs)
 
 
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log_softmax(logits)[..., target] in float32, written as picked logit - logsumexp with a
+  one-hot pick: its gradient (softmax - one_hot) fuses into one elementwise pass, where a
+  gather's gradient is a scatter into a zero [.., V] array."""
+  logits = logits.astype(jnp.float32)
+  one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+  return jnp.sum(logits * one_hot, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
+
+
 def token_nll(logits: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Next-token NLL and argmax hit at each position t >= 1 ([B, S-1] each)."""
-  logits = logits[:, :-1].astype(jnp.float32)             # [B, S-1, V]
-  targets = input_ids[:, 1:]                              # [B, S-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """Next-token NLL and argmax hit at each position t >= 1 ([B, S-1] each).
+
+  Computed at all S positions (position t predicts token t + 1; the last wraps around and is
+  dropped) so that the [B, S, V] logits are never sliced: a slice's gradient pads them.
+  """
+  targets = jnp.roll(input_ids, -1, axis=1)               # [B, S]
+  nll = -target_logprobs(logits, targets)
   hit = jnp.argmax(logits, axis=-1) == targets
-  return nll, hit
+  return nll[:, :-1], hit[:, :-1]
 
 
 def loss_fn(logits: jax.Array, input_ids: jax.Array,

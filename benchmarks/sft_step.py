@@ -14,7 +14,12 @@ full seq x seq scores that the einsum computes. Utilisation = achieved FLOP/s /
 `--peak_gflops` (default: ~165 GFLOP/s, the float32 FMA peak of the 2-core AVX2 machine
 the peers were measured on).
 
-  python benchmarks/sft_step.py --sizes=small,100m --out=/tmp/sft_step.json
+`small_vl` is the multimodal path at equal tokens: the `small` decoder behind a 4-block vision
+tower (hidden 256), each sequence one 224x224 image (256 patches -> 64 image tokens) and text
+filling the rest of the 256 tokens. Its FLOPs add the vision tower's (6 x matmul weights per
+patch + window/full attention scores); `over_text` is its step time over `small`'s.
+
+  python benchmarks/sft_step.py --sizes=small,small_vl,100m --out=/tmp/sft_step.json
 """
 from __future__ import annotations
 
@@ -39,7 +44,11 @@ SIZES = {
     "100m": dict(vocab=32000, hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=2),
 }
 
-_SIZES = flags.DEFINE_list("sizes", ["small", "100m"], f"Model sizes: {sorted(SIZES)}.")
+VL_SIZES = {"small_vl": "small"}  # multimodal size -> its decoder
+IMAGE_SIZE = 224
+
+_SIZES = flags.DEFINE_list("sizes", ["small", "small_vl", "100m"],
+                           f"Model sizes: {sorted(SIZES) + sorted(VL_SIZES)}.")
 _OUT = flags.DEFINE_string("out", "sft_step.json", "JSON file (one object per size).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
@@ -58,6 +67,54 @@ def model_config(size: str) -> models.ModelConfig:
       rope_theta=1_000_000.0, rms_norm_eps=1e-6,
       mrope_section=(head_dim // 2, 0, 0))  # text only: the three position rows are equal
   return models.ModelConfig(text=text, vision=None, tie_word_embeddings=False).validate()
+
+
+def vl_model_config(size: str) -> models.ModelConfig:
+  """The decoder of VL_SIZES[size] behind a 4-block vision tower; special ids at the vocab end."""
+  text = model_config(VL_SIZES[size]).text
+  head_dim = text.hidden_size // text.num_heads
+  unit = head_dim // 16  # M-RoPE sections (t, h, w) in the 2:3:3 ratio of Qwen2.5-VL
+  text = models.TextConfig(**{**text.__dict__,
+                              "mrope_section": (2 * unit, 3 * unit, 3 * unit)})
+  vision = models.VisionConfig(depth=4, hidden_size=256, intermediate_size=704, num_heads=4,
+                               out_hidden_size=text.hidden_size, fullatt_block_indexes=(3,))
+  v = text.vocab_size
+  return models.ModelConfig(text=text, vision=vision, tie_word_embeddings=False,
+                            bos_token_id=None, eos_token_id=(v - 1,), image_token_id=v - 2,
+                            video_token_id=v - 3, vision_start_token_id=v - 4,
+                            vision_end_token_id=v - 5).validate()
+
+
+def vl_batch(config: models.ModelConfig, rng: np.random.Generator) -> dict:
+  """Batch x seq tokens, each row [vision_start, image pads, vision_end, text...]."""
+  vc = config.vision
+  grid = np.asarray([1, IMAGE_SIZE // vc.patch_size, IMAGE_SIZE // vc.patch_size])
+  image_tokens = int(grid.prod()) // vc.spatial_merge_size**2
+  n_text = _SEQ.value - image_tokens - 2
+  if n_text < 1:
+    raise app.UsageError(f"--seq={_SEQ.value} leaves no text after {image_tokens} image tokens")
+  row = [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [
+      config.vision_end_token_id]
+  text = rng.integers(0, config.text.vocab_size - 8, (_BATCH.value, n_text))
+  ids = np.concatenate([np.tile(row, (_BATCH.value, 1)), text], axis=1).astype(np.int32)
+  grids = np.tile(grid, (_BATCH.value, 1)).astype(np.int32)
+  ones = np.ones_like(ids)
+  meta = models.prepare_inputs(config, ids, ones, grids)
+  pixels = rng.standard_normal((_BATCH.value * int(grid.prod()), vc.patch_dim), np.float32)
+  return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones, "pixel_values": pixels,
+          "position_ids": meta["position_ids"], "vision_inputs": meta["vision_inputs"]}
+
+
+def vision_flops_per_sequence(config: models.ModelConfig, params: dict) -> float:
+  """6 x (vision matmul weights) per patch + attention scores (12 x depth x hidden x the keys a
+  patch sees: its window's patches, or all patches in the full-attention blocks)."""
+  vc = config.vision
+  patches = (IMAGE_SIZE // vc.patch_size) ** 2
+  matmul = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params["visual"])
+               if x.ndim >= 2)
+  window = min(patches, (vc.window_size // vc.patch_size) ** 2)
+  keys = sum(patches if i in vc.fullatt_block_indexes else window for i in range(vc.depth))
+  return patches * (6 * matmul + 12 * vc.hidden_size * keys)
 
 
 def expected_params(size: str) -> int:
@@ -83,7 +140,8 @@ def optim_config() -> ml_collections.ConfigDict:
 
 
 def measure(size: str) -> dict:
-  config = model_config(size)
+  multimodal = size in VL_SIZES
+  config = vl_model_config(size) if multimodal else model_config(size)
   t0 = time.perf_counter()
   graphdef, params = nnx.split(models.init_from_config(config, 0), nnx.Param)
   params = nnx.to_pure_dict(params)
@@ -94,14 +152,17 @@ def measure(size: str) -> dict:
   del params
 
   rng = np.random.default_rng(0)
-  ids = rng.integers(0, config.text.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
-  ones = np.ones_like(ids)
-  batch = jax.device_put({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
+  if multimodal:
+    batch = jax.device_put(vl_batch(config, rng))
+  else:
+    ids = rng.integers(0, config.text.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
+    ones = np.ones_like(ids)
+    batch = jax.device_put({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
 
   t0 = time.perf_counter()
   step = sft.make_train_step(graphdef, opt).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  steps = _STEPS.value or (2 if size == "small" else 1)
+  steps = _STEPS.value or (2 if size.startswith("small") else 1)
 
   def call():
     nonlocal state
@@ -121,11 +182,15 @@ def measure(size: str) -> dict:
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)
   tokens = _BATCH.value * _SEQ.value * steps
-  flops = flops_per_token(size, state.params, _SEQ.value) * tokens
+  decoder = VL_SIZES.get(size, size)
+  decoder_params = {k: v for k, v in state.params.items() if k != "visual"}
+  flops = flops_per_token(decoder, decoder_params, _SEQ.value) * tokens
+  if multimodal:
+    flops += vision_flops_per_sequence(config, state.params) * _BATCH.value * steps
   return dict(
       library="cpt_jax", workload="sft_train_step", size=size, dtype="float32",
       batch=_BATCH.value, seq_len=_SEQ.value, steps_per_call=steps,
-      params=int(n_params), params_expected=expected_params(size),
+      params=int(n_params), params_expected=None if multimodal else expected_params(size),
       init_s=round(init_s, 3), compile_s=round(compile_s, 3), first_call_s=round(first_call_s, 4),
       warmup_calls=_WARMUP.value, times_s=[round(t, 4) for t in times], median_s=round(median, 4),
       tokens_per_s=round(tokens / median, 2),
@@ -140,12 +205,15 @@ def measure(size: str) -> dict:
 
 def main(argv):
   del argv
-  unknown = [s for s in _SIZES.value if s not in SIZES]
+  unknown = [s for s in _SIZES.value if s not in SIZES and s not in VL_SIZES]
   if unknown:
-    raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES)}")
+    raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES) + sorted(VL_SIZES)}")
   results = []
   for size in _SIZES.value:
     results.append(measure(size))
+    text = next((r for r in results if r["size"] == VL_SIZES.get(size)), None)
+    if text is not None:
+      results[-1]["over_text"] = round(results[-1]["median_s"] / text["median_s"], 3)
     print(json.dumps(results[-1]), flush=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=2)

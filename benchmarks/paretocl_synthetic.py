@@ -3,6 +3,9 @@
   .venv/bin/python benchmarks/paretocl_synthetic.py --workdir=/tmp/paretocl_bench [--buffer=500]
       [--setting=online] [--seeds=0,1,2] [--out=benchmarks/paretocl_synthetic.json]
 
+Methods can run in parallel invocations (--methods=er / --methods=paretocl, same workdir);
+a final `--reuse` invocation merges their reports into one summary.
+
 Writes mean +- std of Acc / AAA / forgetting per method (ER, ParetoCL, and ParetoCL-- which
 evaluates the same ParetoCL model at the fixed preference (0.5, 0.5)), and the alpha sweep
 after the last task (old-task, new-task and all-task accuracy per alpha_new, over seeds).
@@ -27,6 +30,8 @@ flags.DEFINE_integer("buffer", 500, "Replay buffer size (same for both methods).
 flags.DEFINE_string("setting", "online", "online (1 epoch per task) or offline (5).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.DEFINE_list("methods", ["er", "paretocl"], "Methods.")
+flags.DEFINE_bool("reuse", False, "Read <workdir>/<method>_seed<seed>/report.json where it exists "
+                  "instead of training again (to merge runs made by parallel invocations).")
 FLAGS = flags.FLAGS
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "paretocl", "synthetic.py")
@@ -53,9 +58,20 @@ def main(argv):
   reports = {}
   for method in FLAGS.methods:
     for seed in map(int, FLAGS.seeds):
+      run_dir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
+      report_path = os.path.join(run_dir, "report.json")
+      if FLAGS.reuse and os.path.exists(report_path):
+        with open(report_path) as f:
+          report = json.load(f)
+        # Reports written before wall_seconds was recorded: training time only (no evaluation).
+        report.setdefault("wall_seconds", report["train_seconds_incl_compile"])
+        reports.setdefault(method, []).append(report)
+        continue
       start = time.time()
-      report = train.run(_config(method, seed), os.path.join(FLAGS.workdir, f"{method}_seed{seed}"))
+      report = train.run(_config(method, seed), run_dir)
       report["wall_seconds"] = time.time() - start
+      with open(report_path, "w") as f:
+        json.dump(report, f, indent=1)
       reports.setdefault(method, []).append(report)
       logging.info("%s seed %d: Acc %.2f AAA %.2f (%.0f s)", method, seed, report["acc"],
                    report["aaa"], report["wall_seconds"])

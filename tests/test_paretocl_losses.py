@@ -22,13 +22,24 @@ def test_masked_cross_entropy_by_hand():
 
 
 def test_er_loss_by_hand():
-  new = jnp.array([[1.0, 0.0, 0.0]])
+  # Mean over the concatenated valid stream + replay rows (mammoth's ER), not L_new + L_replay.
+  new = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
   replay = jnp.array([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
-  loss, aux = losses.er_loss(new, jnp.array([2]), jnp.array([1]), replay, jnp.array([1, 0]),
+  loss, aux = losses.er_loss(new, jnp.array([2, 0]), jnp.array([1, 1]), replay, jnp.array([1, 0]),
                              jnp.array([1, 1]))
-  expected_replay = (_ce([0, 2, 0], 1) + _ce([0, 0, 0], 0)) / 2
-  np.testing.assert_allclose(aux["loss_replay"], expected_replay, rtol=1e-6)
-  np.testing.assert_allclose(loss, _ce([1, 0, 0], 2) + expected_replay, rtol=1e-6)
+  rows = [_ce([1, 0, 0], 2), _ce([0, 0, 3], 0), _ce([0, 2, 0], 1), _ce([0, 0, 0], 0)]
+  np.testing.assert_allclose(loss, sum(rows) / 4, rtol=1e-6)
+  np.testing.assert_allclose(aux["loss_new"], (rows[0] + rows[1]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(aux["loss_replay"], (rows[2] + rows[3]) / 2, rtol=1e-6)
+  # Same scale as ParetoCL at the preference (0.5, 0.5) with full batches of equal size.
+  pareto, _ = losses.paretocl_loss(jnp.array([[0.5, 0.5]]), new[None], jnp.array([2, 0]),
+                                   jnp.array([1, 1]), replay[None], jnp.array([1, 0]),
+                                   jnp.array([1, 1]))
+  np.testing.assert_allclose(loss, pareto, rtol=1e-6)
+  # Empty buffer (no valid replay row) and a padded stream row: the mean over the valid rows.
+  loss, _ = losses.er_loss(new, jnp.array([2, 0]), jnp.array([1, 0]), replay, jnp.array([1, 0]),
+                           jnp.array([0, 0]))
+  np.testing.assert_allclose(loss, rows[0], rtol=1e-6)
 
 
 def test_paretocl_loss_by_hand():

@@ -8,12 +8,13 @@ import os
 
 import cpt_jax  # noqa: F401
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 import optax
 
-from cpt_jax.paretocl import config_lib, train
+from cpt_jax.paretocl import config_lib, hypernet, train
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "paretocl")
 
@@ -99,6 +100,31 @@ def test_train_step_fits_a_repeated_batch(data_dir):
     state, metrics = step(state, stream, replay, jax.random.key(1, impl="rbg"))
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("method", ["er", "paretocl"])
+def test_predictions_range_over_seen_classes(method, data_dir):
+  # Class-IL evaluation: a class not trained yet is never predicted, even when its logit is
+  # the largest, and ParetoCL's entropy is taken over the seen classes only.
+  config = _tiny_config(method, data_dir)
+  model = train.ContinualClassifier(config, 4, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  bias = model.head.bias if method == "er" else model.head.hypernet.outputs["bias"].bias
+  bias[...] = bias[...].at[3].set(100.0)  # class 3 dominates every (generated) head
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  eval_step = train.make_eval_step(graphdef, config, mean, std)
+  images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
+  rng = jax.random.key(0, impl="rbg")
+  for name, pred in eval_step(state, images, np.int32(4), rng).items():
+    np.testing.assert_array_equal(pred, 3, err_msg=name)
+  for name, pred in eval_step(state, images, np.int32(2), rng).items():
+    assert np.all(np.asarray(pred) < 2), (name, pred)
+  logits = train.mask_unseen_classes(jnp.array([[[0.0, 0.0, 9.0]], [[2.0, 0.0, 0.0]]]),
+                                     jnp.array([True, True, False]))  # [K=2, B=1, C=3]
+  pred, chosen = hypernet.min_entropy_select(logits)
+  assert int(chosen[0]) == 1 and int(pred[0]) == 0  # unmasked, head 0 would win on entropy
+  assert np.all(np.isfinite(hypernet.softmax_entropy(logits)))
 
 
 def test_configs_load_and_validate():

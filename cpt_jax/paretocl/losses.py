@@ -20,10 +20,20 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
 def er_loss(logits_new: jax.Array, labels_new: jax.Array, mask_new: jax.Array,
             logits_replay: jax.Array, labels_replay: jax.Array, mask_replay: jax.Array
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Experience replay: L_new + L_replay with one plain head (logits [B, C])."""
-  loss_new = masked_cross_entropy(logits_new, labels_new, mask_new)
-  loss_replay = masked_cross_entropy(logits_replay, labels_replay, mask_replay)
-  return loss_new + loss_replay, {"loss_new": loss_new, "loss_replay": loss_replay}
+  """Experience replay with one plain head (logits [B, C]): mean cross-entropy over the
+  concatenated stream + replay rows, as mammoth's ER computes it.
+
+  With full batches of equal size this is 0.5 L_new + 0.5 L_replay, the same loss scale as
+  ParetoCL at the preference (0.5, 0.5); while the buffer is empty it is L_new.
+  """
+  per_new = optax.softmax_cross_entropy_with_integer_labels(logits_new, labels_new)  # [B]
+  per_replay = optax.softmax_cross_entropy_with_integer_labels(logits_replay, labels_replay)
+  mask_new = mask_new.astype(per_new.dtype)
+  mask_replay = mask_replay.astype(per_replay.dtype)
+  count = jnp.maximum(jnp.sum(mask_new) + jnp.sum(mask_replay), 1.0)
+  loss = (jnp.sum(per_new * mask_new) + jnp.sum(per_replay * mask_replay)) / count
+  return loss, {"loss_new": masked_cross_entropy(logits_new, labels_new, mask_new),
+                "loss_replay": masked_cross_entropy(logits_replay, labels_replay, mask_replay)}
 
 
 def paretocl_loss(alphas: jax.Array, logits_new: jax.Array, labels_new: jax.Array,

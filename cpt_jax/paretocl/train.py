@@ -8,7 +8,12 @@ alpha sweep) into workdir, and returns the report.
 
 Per step (both methods): a replay batch is sampled from the buffer, one backbone pass runs
 on stream + replay images, the method's loss is minimised with SGD (gradient clipping),
-then the stream batch is offered to the reservoir.
+then the stream batch is offered to the reservoir. Both losses use the same scale: ER's is
+the mean over the concatenated stream + replay batch (mammoth's convention), which equals
+ParetoCL's loss at the preference (0.5, 0.5).
+
+Evaluation is class-incremental: after task j, predictions (and ParetoCL's entropies) range
+over the classes of tasks 0..j only, as mammoth evaluates class-IL.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class ContinualClassifier(nnx.Module):
         nf=config.model.nf, blocks_per_stage=config.model.blocks_per_stage, rngs=rngs)
     self.head = METHODS[config.method].make_head(
         config, self.backbone.num_features, num_classes, rngs)
+    self.num_classes = num_classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +62,8 @@ class Method:
   make_head: Callable[..., nnx.Module]
   # (head, config, features_new, features_replay, stream, replay, rng) -> (loss, aux)
   loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-  # (head, config, features, rng) -> {prediction name: predictions [..., B]}
+  # (head, config, features, class_mask, rng) -> {prediction name: predictions [..., B]};
+  # class_mask [C] marks the classes seen so far, the only ones a prediction may choose.
   predict: Callable[..., dict[str, jax.Array]]
 
 
@@ -71,9 +78,9 @@ def _er_loss(head, config, features_new, features_replay, stream, replay, rng):
                         head(features_replay), replay["labels"], replay["valid"])
 
 
-def _er_predict(head, config, features, rng):
+def _er_predict(head, config, features, class_mask, rng):
   del config, rng
-  return {"pred": jnp.argmax(head(features), axis=-1)}
+  return {"pred": jnp.argmax(mask_unseen_classes(head(features), class_mask), axis=-1)}
 
 
 def _paretocl_head(config, num_features, num_classes, rngs):
@@ -89,17 +96,32 @@ def _paretocl_loss(head, config, features_new, features_replay, stream, replay, 
                               replay["valid"])
 
 
-def _paretocl_predict(head, config, features, rng):
-  """ParetoCL (min-entropy over K sampled preferences), ParetoCL-- (fixed) and the sweep."""
+def _paretocl_predict(head, config, features, class_mask, rng):
+  """ParetoCL (min-entropy over K sampled preferences), ParetoCL-- (fixed) and the sweep.
+
+  Softmax, entropy and argmax run over the seen classes only (class_mask).
+  """
   cfg = config.paretocl
   sampled = hypernet.sample_preferences(rng, cfg.test_preferences, concentration=cfg.concentration)
   fixed = jnp.array([[1.0 - cfg.fixed_alpha_new, cfg.fixed_alpha_new]])
   alphas = jnp.concatenate([sampled, fixed, hypernet.preference_sweep(cfg.sweep_points)])
-  logits = head(features, alphas)  # [K + 1 + S, B, C], one backbone pass
+  logits = mask_unseen_classes(head(features, alphas), class_mask)  # [K + 1 + S, B, C]
   k = cfg.test_preferences
   pred, _ = hypernet.min_entropy_select(logits[:k])
   all_preds = jnp.argmax(logits, axis=-1)
   return {"pred": pred, "pred_fixed": all_preds[k], "pred_sweep": all_preds[k + 1:]}
+
+
+# Logit given to classes not trained yet at evaluation (finite, so that p log p = 0).
+_UNSEEN_LOGIT = -1e9
+
+
+def mask_unseen_classes(logits: jax.Array, class_mask: jax.Array) -> jax.Array:
+  """Class-incremental evaluation: classes not trained yet get (numerically) zero probability.
+
+  logits [..., C], class_mask [C] bool.
+  """
+  return jnp.where(class_mask, logits, _UNSEEN_LOGIT)
 
 
 METHODS: dict[str, Method] = {
@@ -168,13 +190,15 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, mean, std):
 
 
 def make_eval_step(graphdef, config: ml_collections.ConfigDict, mean, std):
-  """(state, images [B, H, W, C] uint8, rng) -> {prediction name: [..., B]} (running BN stats)."""
+  """(state, images [B, H, W, C] uint8, num_seen_classes [] int32, rng) -> {prediction name:
+  [..., B]} (running BN stats); classes >= num_seen_classes are never predicted."""
   method = METHODS[config.method]
 
-  def eval_step(state, images, rng):
+  def eval_step(state, images, num_seen_classes, rng):
     model, _ = nnx.merge(graphdef, state)
     features = model.backbone(normalize(images, mean, std), train=False)
-    return method.predict(model.head, config, features, rng)
+    class_mask = jnp.arange(model.num_classes) < num_seen_classes  # [C]
+    return method.predict(model.head, config, features, class_mask, rng)
 
   return jax.jit(eval_step)
 
@@ -204,17 +228,18 @@ def _stream_batches(task: cl_data.TaskSplit, task_id: int, batch_size: int,
            "task_ids": np.full(batch_size, task_id, np.int32), "valid": valid}
 
 
-def _evaluate(eval_step, state, task: cl_data.TaskSplit, batch_size: int, rng: jax.Array
-              ) -> dict[str, np.ndarray]:
+def _evaluate(eval_step, state, task: cl_data.TaskSplit, batch_size: int, num_seen_classes: int,
+              rng: jax.Array) -> dict[str, np.ndarray]:
   """Correct-prediction indicators per prediction name, over the task's test set.
 
   The same rng for every batch: ParetoCL draws one set of test preferences per evaluation.
   """
+  num_seen_classes = np.int32(num_seen_classes)
   correct: dict[str, list[np.ndarray]] = {}
   n = len(task.labels)
   for start in range(0, n, batch_size):
     index = np.resize(np.arange(start, min(start + batch_size, n)), batch_size)
-    preds = jax.device_get(eval_step(state, task.images[index], rng))
+    preds = jax.device_get(eval_step(state, task.images[index], num_seen_classes, rng))
     count = min(batch_size, n - start)
     for name, pred in preds.items():
       correct.setdefault(name, []).append(pred[..., :count] == task.labels[start:start + count])
@@ -277,10 +302,15 @@ class _Trainer:
                        {k: round(float(v), 4) for k, v in metrics.items()})
     return {k: float(v) / count for k, v in jax.device_get(sums).items()}
 
-  def accuracies(self, tests: list[cl_data.TaskSplit], rng: jax.Array) -> dict[str, np.ndarray]:
-    """Accuracy (%) per prediction name on every task's test set: [..., T]."""
-    correct = [_evaluate(self.eval_step, self.state, test, self.config.eval_batch_size, rng)
-               for test in tests]
+  def accuracies(self, tests: list[cl_data.TaskSplit], num_seen_classes: int, rng: jax.Array
+                 ) -> dict[str, np.ndarray]:
+    """Accuracy (%) per prediction name on every task's test set: [..., T].
+
+    Predictions range over the num_seen_classes classes trained so far (class-IL), so
+    future tasks score 0.
+    """
+    correct = [_evaluate(self.eval_step, self.state, test, self.config.eval_batch_size,
+                         num_seen_classes, rng) for test in tests]
     return {name: np.stack([100.0 * c[name].mean(axis=-1) for c in correct], axis=-1)
             for name in correct[0]}
 
@@ -321,7 +351,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_seconds += time.time() - start_time
       # Every task is evaluated (future ones too, so the matrix is full).
       eval_rng = jax.random.fold_in(jax.random.key(config.seed + 1, impl=RNG_IMPL), task_id)
-      for name, row in trainer.accuracies(benchmark.test, eval_rng).items():
+      num_seen_classes = (task_id + 1) * benchmark.classes_per_task
+      for name, row in trainer.accuracies(benchmark.test, num_seen_classes, eval_rng).items():
         acc.setdefault(name, np.zeros((num_tasks, *row.shape)))[task_id] = row
       record = {"task": task_id, "train_metrics": losses,
                 "accuracies": acc["pred"][task_id].tolist(),

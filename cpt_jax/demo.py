@@ -99,6 +99,19 @@ PAIRS = (
     ("sft", "rft_high_lr", "at the same learning rate (SFT's)"),
     ("sft_low_lr", "rft", "at the same learning rate (RFT's)"),
 )
+# Compared too, outside the SFT-vs-RFT conclusion.
+OTHER_PAIRS = (
+    ("sft", "paretocl", "at the same learning rate and steps (ParetoCL adds replay of the earlier "
+     "tasks and a preference-conditioned head)"),
+)
+
+
+def optim_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The section of a run's saved config that holds the optimiser it trained with."""
+  method = config["method"]
+  if method == "paretocl":
+    return config["paretocl"]
+  return config["sft" if method in ("sft", "multitask") else "rft"]
 
 
 @dataclasses.dataclass
@@ -153,10 +166,12 @@ def _compare_pair(a: RunSummary, b: RunSummary, condition: str) -> tuple[str, in
 def reading(summaries: Mapping[str, RunSummary]) -> list[str]:
   """What the numbers say about SFT vs RFT forgetting, in plain sentences."""
   lines, verdicts = [], {}
-  for a, b, condition in PAIRS:
+  for a, b, condition in PAIRS + OTHER_PAIRS:
     if a in summaries and b in summaries:
-      line, verdicts[a, b] = _compare_pair(summaries[a], summaries[b], condition)
+      line, verdict = _compare_pair(summaries[a], summaries[b], condition)
       lines.append(line)
+      if (a, b, condition) in PAIRS:
+        verdicts[a, b] = verdict
   for s in summaries.values():
     for name, g in s.report.get("general", {}).items():
       lines.append(f"{s.label}: held-out '{name}' (base skill) {_fmt(g['before'])} -> "
@@ -210,6 +225,13 @@ def setup_text(summaries: Mapping[str, RunSummary]) -> str:
     text += (f" RFT: {epochs(rft['rft'])}, {rl['n']} responses per prompt, "
              f"{rl['rollout_batch_size']} prompts per rollout batch, reward '{rl['reward']}', KL "
              f"{rl['kl_coef'] if rl['use_kl'] else 'off'}.")
+  pareto = next((c for c in configs if c["method"] == "paretocl"), None)
+  if pareto is not None:
+    p = pareto["paretocl"]
+    text += (f" ParetoCL: SFT's epochs and batch plus {p['replay_batch_size']} replay rows of the "
+             f"earlier tasks ({p['replay_examples_per_task'] or 'all'} kept per task), rank-"
+             f"{p['rank']} preference-conditioned head, {p['num_preferences']} preferences per "
+             f"step, per-prompt min-entropy choice of {p['eval_preferences']} at evaluation.")
   return text
 
 
@@ -223,8 +245,7 @@ def demo_markdown(base: Mapping[str, Any], summaries: Mapping[str, RunSummary],
     general = r.get("general", {})
     before = ", ".join(_fmt(g["before"]) for g in general.values()) or "n/a"
     after = ", ".join(_fmt(g["after"]) for g in general.values()) or "n/a"
-    section = r["config"]["sft" if r["method"] in ("sft", "multitask") else "rft"]
-    body.append([label, f"{section['optim']['lr']:g}", _fmt(r["avg_acc"]), _fmt(r["fm"]),
+    body.append([label, f"{optim_section(r['config'])['optim']['lr']:g}", _fmt(r["avg_acc"]), _fmt(r["fm"]),
                  _fmt(r["bwt"]), _fmt(s.gain), before, after])
   lines = ["# Demo: continual SFT vs continual RFT (synthetic seven tasks, CPU)", ""]
   lines += [setup_text(summaries), ""]

@@ -1,6 +1,7 @@
 """The continual loop (job 'cpt') on a micro config: full accuracy matrix and report files,
 resume after a kill inside task 2 (same final weights and matrix as an uninterrupted run,
-task 1 not redone), method dispatch; and decode-based evaluation against known answers."""
+task 1 not redone), method dispatch, ParetoCL (replay batches, adapter in the checkpoints,
+resume); and decode-based evaluation against known answers."""
 from __future__ import annotations
 
 import dataclasses
@@ -60,10 +61,12 @@ def shared(tmp_path_factory):
 def micro_config(shared, method: str):
   """The mini demo's continual run on two tasks: same model and programs as tests/test_demo.py,
   so that one test session compiles them once."""
-  mini = demo_config.get_config("mini")
+  mini = demo_config.get_config("mini,runs=sft+rft+paretocl")
   c = mini.runs.sft
   c.rft = mini.runs.rft.rft
   c.method = method
+  if method == "paretocl":
+    c.paretocl = mini.runs.paretocl.paretocl
   c.tasks, c.general = TASKS, GENERAL
   c.data.dir = str(shared / "data")
   c.data.synthetic = dict(train_size=16, test_size=8, image_size=56, seed=0)
@@ -263,6 +266,113 @@ def test_bad_configs_are_named(shared, tmp_path):
   c.general = ("pathvqa",)
   with pytest.raises(ValueError, match="disjoint"):
     loop.run(c, str(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------ ParetoCL
+
+
+@pytest.fixture(scope="module")
+def paretocl_run(shared):
+  """The micro ParetoCL run, with every training batch the step received (host side)."""
+  workdir = shared / "paretocl"
+  hook, batches = Recorder(), []
+  device_batch = loop.vlm.device_batch
+
+  def recording_device_batch(batch):
+    batches.append({k: np.asarray(batch[k]) for k in ("task", "id", "is_new", "input_ids")})
+    return device_batch(batch)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop.vlm, "device_batch", recording_device_batch)
+    result = loop.run(micro_config(shared, "paretocl"), str(workdir), on_step=hook)
+  return workdir, result, hook, batches
+
+
+def test_paretocl_runs_the_sequence_with_replay(shared, paretocl_run):
+  workdir, result, hook, batches = paretocl_run
+  config = micro_config(shared, "paretocl")
+  p, new_rows = config.paretocl, config.sft.batch_size
+  assert hook.calls == [(j, s) for j in range(2) for s in range(1, SFT_STEPS + 1)]
+  assert result["method"] == "paretocl" and result["num_trained"] == 2
+  progress = json.loads((workdir / loop.PROGRESS_FILE).read_text())
+  matrix = np.array([[row[t] for t in TASKS] for row in progress["rows"]])
+  np.testing.assert_array_equal(result["matrix"], matrix)
+  assert set(result["general"]) == set(GENERAL)
+  # Task 1: only its own rows, all marked new (nothing to replay yet), batch of B + R.
+  for b in batches[:SFT_STEPS]:
+    assert list(b["task"]) == ["pathvqa"] * (new_rows + p.replay_batch_size)
+    assert b["is_new"].all()
+  # Task 2: B new gqa rows and R replayed pathvqa rows from a buffer of
+  # replay_examples_per_task training examples.
+  replayed = set()
+  for b in batches[SFT_STEPS:]:
+    tasks = b["task"].astype(str)
+    assert sorted(tasks) == sorted(["gqa"] * new_rows + ["pathvqa"] * p.replay_batch_size)
+    np.testing.assert_array_equal(b["is_new"], tasks == "gqa")
+    replayed |= set(b["id"][tasks == "pathvqa"].astype(str))
+  assert all(i.startswith("pathvqa-train-") for i in replayed)
+  assert len(replayed) <= p.replay_examples_per_task
+  metrics = writer_lib.read_metrics(workdir / "stages" / "1_gqa")
+  assert [m["rows/pathvqa"] for m in metrics] == [p.replay_batch_size] * SFT_STEPS
+  assert {"loss_new", "loss_replay", "grad_norm"} <= set(metrics[0])
+  # Checkpoints hold the base weights and the adapter; training moved the adapter's B off 0.
+  saved = final_params(workdir)
+  assert set(saved) == {"base", "adapter"}
+  assert set(saved["adapter"]) == {"down", "hypernet", "up"}
+  assert {"language_model", "visual"} <= set(saved["base"])
+  assert np.abs(saved["adapter"]["up"]).max() > 0
+  # Evaluation recorded each prompt's chosen preference.
+  choices = json.loads((workdir / "evals/1_gqa.preferences.json").read_text())
+  assert len(choices["alphas"]) == p.eval_preferences
+  evals = json.loads((workdir / "evals/1_gqa.json").read_text())
+  for task in (*TASKS, *GENERAL):
+    assert sum(choices[task]["chosen_counts"]) == evals[task]["num_examples"] == 4
+
+
+def test_paretocl_resume_after_kill_inside_task_two(shared, paretocl_run):
+  reference_dir, reference, _, _ = paretocl_run
+  workdir = shared / "paretocl_killed"
+  with pytest.raises(Recorder.Killed):
+    loop.run(micro_config(shared, "paretocl"), str(workdir), on_step=Recorder(kill_at=(1, 1)))
+  resumed = Recorder()
+  result = loop.run(micro_config(shared, "paretocl"), str(workdir), on_step=resumed)
+  assert resumed.calls == [(1, 2)]
+  np.testing.assert_array_equal(result["matrix"], reference["matrix"])
+  for a, b in zip(jax.tree.leaves(final_params(workdir)),
+                  jax.tree.leaves(final_params(reference_dir))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank", 0, "config.paretocl.rank must be an integer >= 1"),
+    ("eval_preferences", 0, "config.paretocl.eval_preferences must be an integer >= 1"),
+    ("concentration", 0.0, "config.paretocl.concentration must be > 0"),
+    ("replay_examples_per_task", -1, "config.paretocl.replay_examples_per_task"),
+])
+def test_bad_paretocl_config_is_named(shared, tmp_path, field, value, message):
+  c = micro_config(shared, "paretocl")
+  c.paretocl[field] = value
+  with pytest.raises(ValueError, match=message):
+    loop.run(c, str(tmp_path))
+
+
+def test_paretocl_without_its_section_is_named(shared, tmp_path):
+  c = micro_config(shared, "sft")
+  c.method = "paretocl"
+  with pytest.raises(ValueError, match="needs a config.paretocl section"):
+    loop.run(c, str(tmp_path))
+  c.paretocl = {"rank": 4}
+  with pytest.raises(ValueError, match="config.paretocl lacks"):
+    loop.run(c, str(tmp_path))
+
+
+def test_paretocl_paper_config():
+  c = qwen2_5_vl_7b.get_config("method=paretocl,ckpt=/ckpt")
+  assert c.method == "paretocl" and "paretocl" in base.METHODS
+  loop.check_paretocl_config(c)
+  assert c.paretocl.replay_batch_size == c.sft.batch_size // 2
+  assert c.paretocl.num_preferences == 5 and c.paretocl.eval_preferences == 20
+  assert loop.METHODS["paretocl"].trainer == "paretocl" and "paretocl" in loop.TRAINERS
 
 
 def test_workdir_of_another_run_is_refused(shared, sft_run):

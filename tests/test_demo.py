@@ -77,3 +77,33 @@ def test_reading_separates_method_from_learning_rate():
   assert demo.reading(runs)[-1].startswith("Conclusion: SFT forgets more than RFT, also at")
   runs = {"sft": runs["rft"], "rft": runs["rft_high_lr"]}
   assert "not shown at this scale" in demo.reading(runs)[-1]
+
+
+def test_paretocl_run_in_the_menu_table_and_reading():
+  """An optional paretocl run: not in the default runs; its lr column reads its own optimiser;
+  its comparison with sft is read out but leaves the SFT-vs-RFT conclusion alone."""
+  assert "paretocl" not in default.get_config().order
+  config = default.get_config("mini,runs=sft+rft+paretocl")
+  run = config.runs.paretocl
+  assert run.method == "paretocl" and run.init.workdir == ""
+  run.paretocl.optim.lr = 1.25e-3  # differs from sft.optim.lr: the column must read this one
+  saved = json.loads(run.to_json())
+  assert demo.optim_section(saved)["optim"]["lr"] == 1.25e-3
+  assert demo.optim_section(json.loads(config.runs.rft.to_json()))["optim"]["lr"] == default.RFT_LR
+
+  forgets = [[0.8, 0.1], [0.2, 0.9]]   # FM -0.6
+  keeps = [[0.8, 0.1], [0.8, 0.9]]     # FM 0
+  zero = [0.5, 0.1]
+  runs = {"sft": summary(forgets, zero), "rft": summary(keeps, zero),
+          "paretocl": summary(keeps, zero)}
+  for k, s in runs.items():
+    s.label = k
+  lines = demo.reading(runs)
+  assert any(line.startswith("sft vs paretocl, at the same learning rate and steps") and
+             "sft forgot more" in line for line in lines)
+  # As without the paretocl run: SFT forgets more at the paper's ratio, no same-lr controls.
+  assert lines[-1].startswith("Conclusion: SFT forgets more than RFT at the paper's")
+  runs["paretocl"].report["config"] = saved
+  runs["sft"].report["config"] = json.loads(config.runs.sft.to_json())
+  assert "ParetoCL: SFT's epochs and batch plus 2 replay rows" in demo.setup_text(
+      {k: runs[k] for k in ("sft", "paretocl")})

@@ -8,7 +8,7 @@ import ml_collections
 from configs import common
 
 SEVEN_TASKS = ("scienceqa", "textvqa", "vizwiz", "gqa", "geometry3k", "pathvqa", "superclevr")
-METHODS = ("sft", "rft", "rif_rft", "multitask", "rft_no_kl", "rft_no_cot")
+METHODS = ("sft", "rft", "rif_rft", "multitask", "rft_no_kl", "rft_no_cot", "paretocl")
 # RFT epochs per task (papers.md table); SFT trains 1 epoch on every task.
 RFT_EPOCHS = {"scienceqa": 5.0, "geometry3k": 10.0, "superclevr": 3.0}
 
@@ -77,3 +77,31 @@ def cpt_config() -> ml_collections.ConfigDict:
   c.ckpt = dict(every=200, keep=2, async_save=True)
   c.mesh = sharding.mesh_config()
   return c
+
+
+def paretocl_config(batch_size: int) -> ml_collections.ConfigDict:
+  """`config.paretocl` of method 'paretocl' (cpt_jax.cl.loop.train_paretocl_stage); every value
+  is chosen. `batch_size`: the run's new-task rows per step (sft.batch_size).
+
+    rank, hyper_hidden: the low-rank LM-head update and its hypernetwork
+      (2 -> hidden -> hidden -> rank), cpt_jax.paretocl.vlm.
+    num_preferences, concentration: K preferences per step from Dirichlet(concentration)
+      (ParetoCL paper: K = 5, Dirichlet(1, 1)).
+    eval_preferences, eval_seed: the fixed test-time preferences (paper: K = 20); each test
+      prompt decodes with the one of least first-answer-token entropy.
+    replay_batch_size: replay rows added to every step's batch from task 2 on (the paper:
+      replay batch = stream batch; here half of it, chosen); the first task's batches have
+      as many more new rows instead.
+    replay_examples_per_task: each earlier task's buffer, a fixed seeded subset of its training
+      set (0: all of it).
+    optim: the optimiser of backbone and adapter together (one learning rate; optim has no
+      per-group rate); freeze=('base',) trains the adapter alone.
+  """
+  return ml_collections.ConfigDict(dict(
+      rank=16, hyper_hidden=100,
+      num_preferences=5, concentration=1.0,
+      eval_preferences=20, eval_seed=0,
+      replay_batch_size=max(1, batch_size // 2), replay_examples_per_task=1000,
+      optim=common.optim_config(lr=1e-5, schedule="cosine", warmup_ratio=0.1,
+                                weight_decay=0.0, grad_clip_norm=1.0),
+  ))

@@ -6,7 +6,7 @@
       --out=/tmp/cpt_compare
 
 Args (`:key=value,...`): method ('sft' | 'rft' | 'rif_rft' | 'multitask' | 'rft_no_kl' |
-'rft_no_cot'), ckpt (local HF checkpoint directory), runlocal (2 steps per task, 8 eval
+'rft_no_cot' | 'paretocl': adds `config.paretocl`, see configs/cpt/paretocl_qwen2_5_vl_7b.py), ckpt (local HF checkpoint directory), runlocal (2 steps per task, 8 eval
 examples: a shape and plumbing check). Paper (papers.md, part A): SFT lr 1e-5 cosine, warmup
 0.1, 1 epoch per task; GRPO n = 8, temperature 1.0, top_p 0.99, clip 0.2/0.3, dual clip 3,
 k3 KL 0.01, rollout batch 512, update batch 128, AdamW lr 1e-6 wd 0.01, RFT epochs per task
@@ -41,4 +41,8 @@ def get_config(arg=None):
     c.data.num_workers = 0
     c.eval.update(batch_size=8, max_examples=8, max_new_tokens=16)
     c.log_every = 1
+  if arg.method == "paretocl":
+    c.paretocl = base.paretocl_config(c.sft.batch_size)
+    if arg.runlocal:
+      c.paretocl.update(replay_examples_per_task=8, eval_preferences=4)
   return c

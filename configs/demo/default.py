@@ -12,7 +12,11 @@ Runs of the 'cpt' job (cpt_jax/cl/loop.py), sharing the data, the tokenizer and 
   rft          continual GRPO from base at a 10x smaller lr (3e-4; the paper: SFT 1e-5 vs
                RFT 1e-6 on a 7B model), 1 epoch of 8 rollouts per prompt per task;
   sft_low_lr   SFT at RFT's lr, and rft_high_lr: RFT at SFT's lr. The two controls separate
-               the method from its learning rate.
+               the method from its learning rate;
+  paretocl     (optional, not in the default runs) continual ParetoCL from base at SFT's lr and
+               steps: each batch adds 16 replay rows of the earlier tasks (32 kept per task) to
+               SFT's 32 new rows; rank-8 preference-conditioned LM-head update; evaluation with
+               the min-entropy preference of 20 per prompt.
 The learning rates are ~300x the paper's: the model is small and its base training short.
 
 Answer format (chosen): every run asks with the SFT prompt ("Answer the question using a
@@ -25,7 +29,7 @@ format).
 
 Args (`:key=value,...`): mini (seconds-scale sizes, for tests), answer ('direct' |
 'think_boxed'), runs ('+'-separated from sft, rft, sft_low_lr, rft_high_lr, rft_no_kl;
-default sft+rft+sft_low_lr+rft_high_lr). Any field: --config.runs.rft.rft.optim.lr=1e-4,
+default sft+rft+sft_low_lr+rft_high_lr; also paretocl). Any field: --config.runs.rft.rft.optim.lr=1e-4,
 --config.base.sft.epochs=4 (a changed run needs a new workdir: runs refuse changed settings).
 """
 import ml_collections
@@ -119,6 +123,13 @@ def get_config(arg=None):
   menu["rft_high_lr"].rft.optim.lr = sft.sft.optim.lr
   menu["rft_no_kl"] = rft.copy_and_resolve_references()
   menu["rft_no_kl"].method = "rft_no_kl"
+  menu["paretocl"] = paretocl = sft.copy_and_resolve_references()
+  paretocl.method = "paretocl"
+  paretocl.paretocl = cpt_base.paretocl_config(sft.sft.batch_size)
+  paretocl.paretocl.update(rank=8, hyper_hidden=32, replay_examples_per_task=32)
+  paretocl.paretocl.optim = sft.sft.optim.copy_and_resolve_references()
+  if arg.mini:
+    paretocl.paretocl.update(replay_examples_per_task=4, eval_preferences=4)
   order = tuple(arg.runs.split("+"))
   unknown = [r for r in order if r not in menu]
   if unknown or len(set(order)) != len(order):

@@ -12,7 +12,12 @@ Methods (`config.method`, registry `METHODS`):
   rft_no_kl   rft without the KL term; rft_no_cot: direct-answer prompt, reward = accuracy;
   multitask   SFT on the union of all tasks in one stage (the upper bound). Its accuracy
               matrix has T identical rows (the one model has seen every task at every stage),
-              so its FM and BWT are 0 by construction and AvgAcc is what it is compared on.
+              so its FM and BWT are 0 by construction and AvgAcc is what it is compared on;
+  paretocl    per task: ParetoCL (papers.md, part B, "ParetoCL in continual post-training";
+              `paretocl.vlm`): the model wrapped with a preference-conditioned low-rank
+              LM-head update, trained on mean_k [a_replay L_replay + a_new L_new] over the new
+              task and a replay buffer of the earlier tasks; evaluated with a per-prompt
+              min-entropy preference (see `train_paretocl_stage` and `paretocl_generate`).
 
 Each stage starts from the previous stage's final weights, with a fresh optimiser and learning
 rate schedule. Before the first stage the starting model is evaluated (the zero-shot row and
@@ -28,6 +33,8 @@ Workdir:
   stages/<j>_<name>/      checkpoints/ (Orbax: TrainState, data iterator), metrics.jsonl,
                           tensorboard/, rif_offline.json (rif_rft)
   evals/<j>_<name>.json   per-stage evaluation details (accuracy, format, shown responses)
+  evals/<j>_<name>.preferences.json   (paretocl) per task: how often each test-time
+                          preference was chosen, and the mean chosen alpha_new
   report.json, accuracy_matrix.csv, report.md, *.png   (cl.report)
 A killed run restarts inside the stage it was on, from that stage's latest checkpoint (state,
 data position, RNG); finished stages are never redone. Runs are deterministic (greedy
@@ -58,6 +65,7 @@ from cpt_jax import writer as writer_lib
 from cpt_jax.cl import evaluate as evaluate_lib
 from cpt_jax.cl import report as report_lib
 from cpt_jax.data import pipeline as pipeline_lib
+from cpt_jax.paretocl import vlm
 from cpt_jax.rl import filtering, rollout
 from cpt_jax.rl.sampler import Sampler
 from cpt_jax.train import loop as sft_loop
@@ -103,6 +111,7 @@ register_method("rif_rft", Method("rft", overrides={"rft.rif.mode": "offline"}))
 register_method("rft_no_kl", Method("rft", overrides={"rft.rl.use_kl": False}))
 register_method("rft_no_cot", Method("rft", overrides={"rft.prompt_style": "rft_no_cot",
                                                         "rft.rl.reward": "no_cot"}))
+register_method("paretocl", Method("paretocl"))
 
 
 def resolve_method(config) -> tuple[Method, Any]:
@@ -170,13 +179,16 @@ class Progress:
     return a
 
 
-# Config sections a run's results depend on; a resumed run must not change them.
-SETTINGS = ("seed", "data", "model", "init", "compute_dtype", "sft", "rft", "eval")
+# Config sections a run's results depend on; a resumed run must not change them (`paretocl`
+# where the config has it).
+SETTINGS = ("seed", "data", "model", "init", "compute_dtype", "sft", "rft", "eval", "paretocl")
 
 
 def _settings(config) -> dict[str, Any]:
   out = {}
   for key in SETTINGS:
+    if key not in config:
+      continue
     value = config[key]
     out[key] = json.loads(value.to_json()) if hasattr(value, "to_json") else value
   out["data"].pop("num_workers")  # how fast, not what
@@ -233,10 +245,18 @@ class Setup:
   compute_dtype: Any
   on_step: StepHook | None = None
   opened: dict = dataclasses.field(default_factory=dict)  # (task, split) -> TaskSource
+  # Method 'paretocl': the model is a `vlm.ParetoVLM` (params 'base/...', 'adapter/...');
+  # base_graphdef is the plain Qwen2.5-VL inside it.
+  paretocl: Any = None  # config.paretocl
+  base_graphdef: Any = None
 
   def program_key(self, kind: str, *parts) -> tuple:
     """Cache key of a jitted program: everything its compilation depends on."""
-    return (kind, self.graphdef, self.model_config, self.mesh, self.rules, self.compute_dtype,
+    # A ParetoVLM's graphdef does not hash (its hypernet keeps a dict of output shapes); the
+    # plain model's graphdef and the adapter's sizes determine it.
+    model = self.graphdef if self.paretocl is None else (
+        self.base_graphdef, "paretocl", self.paretocl.rank, self.paretocl.hyper_hidden)
+    return (kind, model, self.model_config, self.mesh, self.rules, self.compute_dtype,
             self.config.remat_policy, *parts)
 
   @property
@@ -271,14 +291,20 @@ class Setup:
 
   def sampler(self, max_new_tokens: int, params: PyTree) -> Sampler:
     """A sampler for `max_new_tokens`, set to `params` (shared by evaluation and rollouts)."""
+    return self.sampler_of(max_new_tokens, self.model(params))
+
+  def sampler_of(self, max_new_tokens: int, model: models.Qwen2_5_VL) -> Sampler:
+    """A sampler for `max_new_tokens`, set to the weights of `model` (a Qwen2_5_VL whose
+    structure follows from this run's: the run's model, or a ParetoVLM folded to one
+    preference)."""
     buckets = tuple(sorted(set(self.config.data.length_buckets) | {self.config.data.max_len}))
     pad_id = self.tokenizer.pad_token_id
     key = self.program_key("sampler", max_new_tokens, buckets, pad_id)
     if key in _PROGRAMS:
-      _PROGRAMS[key].update_weights(self.model(params))
+      _PROGRAMS[key].update_weights(model)
     else:
       _PROGRAMS[key] = Sampler(
-          self.model(params), max_new_tokens=max_new_tokens,
+          model, max_new_tokens=max_new_tokens,
           eos_ids=tuple(self.model_config.eos_token_id), pad_id=pad_id, prompt_buckets=buckets,
           mesh=self.mesh, rules=self.rules)
     return _PROGRAMS[key]
@@ -287,7 +313,7 @@ class Setup:
     return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
 
 
-def _setup(config, workdir: str, on_step: StepHook | None) -> Setup:
+def _setup(config, workdir: str, on_step: StepHook | None, method: Method) -> Setup:
   """Mesh, data, tokenizer and the abstract model (no weights yet)."""
   compute_dtype = sft_loop._dtype(config.compute_dtype)  # pylint: disable=protected-access
   devices = jax.devices()[:config.num_devices] if config.num_devices else None
@@ -308,8 +334,16 @@ def _setup(config, workdir: str, on_step: StepHook | None) -> Setup:
   tokenizer = sft_loop._tokenizer(config, workdir, train_sources)  # pylint: disable=protected-access
   model_config = sft_loop._model_config(config, tokenizer)  # pylint: disable=protected-access
 
-  abstract_model = nnx.eval_shape(lambda: models.Qwen2_5_VL(
-      model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)))
+  def base_model():
+    return models.Qwen2_5_VL(model_config, dtype=compute_dtype, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(config.seed))
+  paretocl = config.paretocl if method.trainer == "paretocl" else None
+  base_graphdef = None
+  if paretocl is None:
+    abstract_model = nnx.eval_shape(base_model)
+  else:
+    abstract_model = nnx.eval_shape(lambda: vlm.build(base_model(), paretocl, seed=config.seed))
+    base_graphdef = sft_loop._split_params(abstract_model.base)[0]  # pylint: disable=protected-access
   graphdef, abstract_params = sft_loop._split_params(abstract_model)  # pylint: disable=protected-access
   param_sh = nnx.to_pure_dict(sharding.param_shardings(
       nnx.state(abstract_model, nnx.Param), mesh, rules))
@@ -318,18 +352,32 @@ def _setup(config, workdir: str, on_step: StepHook | None) -> Setup:
   return Setup(config=config, workdir=workdir, mesh=mesh, rules=rules, data_dir=data_dir,
                tokenizer=tokenizer, model_config=model_config, graphdef=graphdef,
                abstract_params=abstract_params, param_shardings=param_sh,
-               compute_dtype=compute_dtype, on_step=on_step)
+               compute_dtype=compute_dtype, on_step=on_step, paretocl=paretocl,
+               base_graphdef=base_graphdef)
 
 
 def _initial_params(setup: Setup) -> PyTree:
-  """The weights the first stage starts from: `init.workdir` > model.pretrained > random."""
+  """The weights the first stage starts from: `init.workdir` > model.pretrained > random.
+  A ParetoVLM (method 'paretocl') wraps those base weights with a fresh adapter (its B is
+  zero: the starting model's outputs are the base model's); `init.workdir` then holds a plain
+  model's run (SFT, RFT or 'cpt' of another method)."""
   config = setup.config
+  wrapped = setup.paretocl is not None
   if config.init.workdir:
-    return checkpoint_lib.restore_params(checkpoints_of(config.init.workdir),
-                                         setup.abstract_params)
-  model = sft_loop._build_model(config, setup.model_config, setup.compute_dtype,  # pylint: disable=protected-access
-                                setup.mesh, setup.rules)
-  return sft_loop._split_params(model)[1]  # pylint: disable=protected-access
+    params = checkpoint_lib.restore_params(
+        checkpoints_of(config.init.workdir),
+        setup.abstract_params["base"] if wrapped else setup.abstract_params)
+    if not wrapped:
+      return params
+    base = nnx.merge(setup.base_graphdef, nnx.State(params))
+  else:
+    base = sft_loop._build_model(config, setup.model_config, setup.compute_dtype,  # pylint: disable=protected-access
+                                 setup.mesh, setup.rules)
+    if not wrapped:
+      return sft_loop._split_params(base)[1]  # pylint: disable=protected-access
+  model = vlm.build(base, setup.paretocl, seed=config.seed)
+  # The adapter is created on one device; its arrays go to their (replicated) shardings.
+  return jax.device_put(sft_loop._split_params(model)[1], setup.param_shardings)  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------ evaluation
@@ -338,12 +386,13 @@ def _initial_params(setup: Setup) -> PyTree:
 def _eval_prompt_style(config, method: Method) -> str:
   if config.eval.prompt_style:
     return config.eval.prompt_style
-  return "sft" if method.trainer == "sft" else config.rft.prompt_style
+  return config.rft.prompt_style if method.trainer == "rft" else "sft"
 
 
-def evaluate_params(setup: Setup, params: PyTree, prompt_style: str
-                    ) -> dict[str, evaluate_lib.TaskResult]:
-  """Decoded accuracy of `params` on every task of the sequence and every general set."""
+def evaluate_params(setup: Setup, params: PyTree, prompt_style: str, *,
+                    preferences: dict | None = None) -> dict[str, evaluate_lib.TaskResult]:
+  """Decoded accuracy of `params` on every task of the sequence and every general set
+  (a ParetoVLM: `paretocl_evaluate`, its preference choices recorded in `preferences`)."""
   config = setup.config
   splits = dict(config.eval.split_per_task)
   sources = [source for task in (*config.tasks, *config.general)
@@ -353,19 +402,98 @@ def evaluate_params(setup: Setup, params: PyTree, prompt_style: str
       setup.data_config(product="prompt", prompt_style=prompt_style,
                         batch_size=config.eval.batch_size, train=False),
       max_examples=config.eval.max_examples)
+  if setup.paretocl is not None:
+    return paretocl_evaluate(setup, params, evaluator,
+                             preferences if preferences is not None else {})
   sampler = setup.sampler(config.eval.max_new_tokens, params)
-  generate = evaluate_lib.sampler_generate(
+  return evaluator(_sampler_generate(setup, sampler))
+
+
+def _sampler_generate(setup: Setup, sampler: Sampler) -> evaluate_lib.Generate:
+  config = setup.config
+  return evaluate_lib.sampler_generate(
       sampler, setup.tokenizer, setup.model_config, batch_size=config.eval.batch_size,
       temperature=config.eval.temperature, key=jax.random.PRNGKey(config.seed + 2))
-  return evaluator(generate)
 
 
-def _write_eval(workdir: str, name: str, results: Mapping[str, evaluate_lib.TaskResult]) -> None:
+def _write_eval(workdir: str, name: str, results: Mapping[str, evaluate_lib.TaskResult],
+                preferences: Mapping[str, Any] | None = None) -> None:
   os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
-  path = os.path.join(workdir, "evals", f"{name}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump({k: v.to_dict() for k, v in results.items()}, f, indent=2)
-  os.replace(path + ".tmp", path)
+  files = {f"{name}.json": {k: v.to_dict() for k, v in results.items()}}
+  if preferences:
+    files[f"{name}.preferences.json"] = preferences
+  for file_name, content in files.items():
+    path = os.path.join(workdir, "evals", file_name)
+    with open(path + ".tmp", "w") as f:
+      json.dump(content, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def paretocl_evaluate(setup: Setup, params: PyTree, evaluator: evaluate_lib.Evaluator,
+                      preferences: dict) -> dict[str, evaluate_lib.TaskResult]:
+  """Greedy (or eval.temperature) decoding of a ParetoVLM with a preference per prompt.
+
+  Per prompt batch: the min-entropy choice among `paretocl.eval_preferences` fixed preferences
+  (`vlm.make_prompt_select_step`: the entropy of the first answer token's distribution after
+  the prompt), then, for each distinct chosen preference, the ParetoVLM folded at it
+  (`vlm.fold_preference`: a plain model whose LM head includes the update) decodes the whole
+  batch in the shared sampler and the rows that chose it keep their responses. The sampler
+  takes one head for all rows, so a batch costs one decode per distinct choice in it (at most
+  min(K, batch)); `preferences` receives per task how often each preference was chosen, the
+  mean chosen alpha_new, and the decodes per batch.
+  """
+  config, p = setup.config, setup.paretocl
+  key = setup.program_key("paretocl_select", p.eval_preferences, p.eval_seed)
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = vlm.make_prompt_select_step(
+        setup.graphdef, num_preferences=p.eval_preferences, seed=p.eval_seed,
+        compute_dtype=setup.compute_dtype)
+  select = _PROGRAMS[key]
+  alphas = np.asarray(vlm.inference_preferences(p.eval_preferences, p.eval_seed))  # [K, 2]
+  model = setup.model(params)
+  sampler = setup.sampler_of(config.eval.max_new_tokens, vlm.fold_preference(model, alphas[0]))
+  generate = _sampler_generate(setup, sampler)
+  counts: dict[str, np.ndarray] = {}
+  decodes = []
+
+  def paretocl_generate(batch: Mapping[str, Any]) -> list[str]:
+    batch = {k: v for k, v in batch.items() if k not in rollout.DERIVED_KEYS}
+    padded, real = rollout.pad_rows(batch, config.eval.batch_size, setup.model_config)
+    chosen = np.asarray(select(params, _prompt_device_batch(setup, padded))["chosen"])[:real]
+    responses = [""] * real
+    groups = np.unique(chosen)
+    for g in groups:
+      sampler.update_weights(vlm.fold_preference(model, alphas[g]))
+      decoded = generate(padded)
+      for i in np.flatnonzero(chosen == g):
+        responses[i] = decoded[i]
+    for task, g in zip(batch["task"], chosen):
+      counts.setdefault(str(task), np.zeros(len(alphas), np.int64))[g] += 1
+    decodes.append(len(groups))
+    return responses
+
+  results = evaluator(paretocl_generate)
+  for task, c in counts.items():
+    preferences[task] = {"chosen_counts": c.tolist(),
+                         "mean_alpha_new": float(c @ alphas[:, 1] / c.sum())}
+  preferences["alphas"] = alphas.tolist()
+  preferences["decodes_per_batch"] = float(np.mean(decodes))
+  _print(f"ParetoCL evaluation: {np.mean(decodes):.1f} decodes per batch; mean chosen alpha_new "
+         + ", ".join(f"{t} {preferences[t]['mean_alpha_new']:.2f}" for t in counts))
+  return results
+
+
+def _prompt_device_batch(setup: Setup, batch: Mapping[str, Any]) -> dict:
+  """The model inputs of a (left-padded) prompt batch, placed on the mesh."""
+  grid = np.asarray(batch.get("image_grid_thw", np.zeros((0, 3), np.int32))).reshape(-1, 3)
+  prepared = models.prepare_inputs(setup.model_config, batch["prompt_ids"], batch["prompt_mask"],
+                                   grid if len(grid) else None)
+  out = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_mask"],
+         "position_ids": prepared["position_ids"].astype(np.int32)}
+  if len(grid):
+    out["pixel_values"] = batch["pixel_values"]
+    out["vision_inputs"] = prepared["vision_inputs"]
+  return sharding.shard_batch(out, setup.mesh, rules=setup.rules)
 
 
 # ------------------------------------------------------------------ SFT stage
@@ -396,18 +524,24 @@ def _stage_epochs(section, name: str) -> float:
   return float(per_task.get(name, section.epochs))
 
 
-def train_sft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: int,
-                    stage_dir: str, epochs: float) -> PyTree:
-  """Supervised fine-tuning of `params` on the union of `tasks`; resumes from `stage_dir`."""
-  config = setup.config
-  s = config.sft
-  template = config.data.answer_template
+def _sft_sources(setup: Setup, tasks: Sequence[str]) -> list[pipeline_lib.TaskSource]:
+  """The training splits of `tasks` with the answers SFT trains on (data.answer_template)."""
+  template = setup.config.data.answer_template
   sources = setup.sources(tasks, "train")
   if template != "{answer}":
     if "{answer}" not in template:
       raise ValueError(f"data.answer_template {template!r} has no '{{answer}}'")
     sources = [dataclasses.replace(ts, source=_AnswerTemplate(ts.source, template))
                for ts in sources]
+  return sources
+
+
+def train_sft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: int,
+                    stage_dir: str, epochs: float) -> PyTree:
+  """Supervised fine-tuning of `params` on the union of `tasks`; resumes from `stage_dir`."""
+  config = setup.config
+  s = config.sft
+  sources = _sft_sources(setup, tasks)
   data = pipeline_lib.Pipeline(
       sources, setup.tokenizer, setup.data_config(product="sft", prompt_style="sft",
                                                   batch_size=s.batch_size, train=True),
@@ -573,7 +707,106 @@ def train_rft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: i
     trainer.reference_params = None  # the cached trainer must not keep this stage's weights
 
 
-TRAINERS = {"sft": train_sft_stage, "rft": train_rft_stage}
+# ------------------------------------------------------------------ ParetoCL stage
+
+
+PARETOCL_FIELDS = ("rank", "hyper_hidden", "num_preferences", "concentration", "eval_preferences",
+                   "eval_seed", "replay_batch_size", "replay_examples_per_task", "optim")
+
+
+def check_paretocl_config(config) -> None:
+  """ValueError naming what is missing or out of range in `config.paretocl`."""
+  if "paretocl" not in config:
+    raise ValueError("method 'paretocl' needs a config.paretocl section with fields "
+                     f"{list(PARETOCL_FIELDS)} (configs/cpt/paretocl_qwen2_5_vl_7b.py)")
+  p = config.paretocl
+  missing = [f for f in PARETOCL_FIELDS if f not in p]
+  if missing:
+    raise ValueError(f"config.paretocl lacks {missing}")
+  for name in ("rank", "hyper_hidden", "num_preferences", "eval_preferences",
+               "replay_batch_size"):
+    if not isinstance(p[name], int) or p[name] < 1:
+      raise ValueError(f"config.paretocl.{name} must be an integer >= 1, got {p[name]!r}")
+  if not p.concentration > 0:
+    raise ValueError(f"config.paretocl.concentration must be > 0, got {p.concentration!r}")
+  if not isinstance(p.replay_examples_per_task, int) or p.replay_examples_per_task < 0:
+    raise ValueError("config.paretocl.replay_examples_per_task must be an integer >= 0 (0: every "
+                     f"training example), got {p.replay_examples_per_task!r}")
+
+
+def train_paretocl_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: int,
+                         stage_dir: str, epochs: float) -> PyTree:
+  """ParetoCL on `tasks` (the stage's task) from `params` (a ParetoVLM's); resumes from
+  `stage_dir`.
+
+  Each step's batch holds sft.batch_size rows of the new task and paretocl.replay_batch_size
+  rows of the replay buffer: the earlier tasks of the sequence, each cut to a fixed, seeded
+  subset of paretocl.replay_examples_per_task training examples (0: all), mixed into every
+  batch in that proportion by the data pipeline (`DataConfig.replay_fraction`, per example).
+  Rows are marked new or replay by their task. The step (`vlm.make_train_step`) draws
+  paretocl.num_preferences alphas and minimises mean_k [a_replay L_replay + a_new L_new].
+  The first task has nothing to replay: its batches (same size, so one compiled step serves
+  every stage) are all new rows and the loss is mean_k a_new L_new (L_replay is 0), i.e. SFT
+  on the task at a random per-step scale of mean 1/2. Steps: sft.total_steps, else `epochs`
+  passes over the new task at its rows per step. The optimiser is paretocl.optim (its
+  `freeze=('base',)` trains the adapter alone).
+  """
+  config = setup.config
+  s, p = config.sft, config.paretocl
+  sources = _sft_sources(setup, tasks)
+  replay = _sft_sources(setup, config.tasks[:stage])
+  batch_size = s.batch_size + p.replay_batch_size
+  new_rows = s.batch_size if replay else batch_size
+  data_config = dataclasses.replace(
+      setup.data_config(product="sft", prompt_style="sft", batch_size=batch_size, train=True),
+      replay_fraction=p.replay_batch_size / batch_size if replay else 0.0, replay_unit="example",
+      replay_examples_per_task=p.replay_examples_per_task or None)
+  data = pipeline_lib.Pipeline(sources, setup.tokenizer, data_config, replay=replay,
+                               model_config=setup.model_config)
+  data_iter = iter(data)
+  num_examples = sum(len(ts.source) for ts in sources)
+  total_steps = s.total_steps or max(1, math.ceil(epochs * num_examples / new_rows))
+
+  key = setup.program_key("paretocl", p.optim.to_json(), total_steps, p.num_preferences,
+                          p.concentration)
+  if key not in _PROGRAMS:
+    optimizer = optim.make_optimizer(p.optim, setup.abstract_params,
+                                     max(1, total_steps // p.optim.grad_accum_steps))
+    abstract_state, state_sh, init = _state_programs(setup, optimizer)
+    step_fn = vlm.make_train_step(
+        setup.graphdef, optimizer, num_preferences=p.num_preferences,
+        concentration=p.concentration, compute_dtype=setup.compute_dtype,
+        remat_policy=config.remat_policy or None, state_sharding=state_sh)
+    _PROGRAMS[key] = (abstract_state, init, step_fn)
+  abstract_state, init, step_fn = _PROGRAMS[key]
+
+  def train(state, ckpt, writer):
+    step = int(state.step)
+    while step < total_steps:
+      batch = next(data_iter)
+      row_tasks = np.asarray(batch["task"]).astype(str)
+      batch["is_new"] = np.isin(row_tasks, tasks).astype(np.int32)
+      state, metrics = step_fn(state, sharding.shard_batch(
+          vlm.device_batch(batch), setup.mesh, rules=setup.rules))
+      step += 1
+      if step % config.log_every == 0 or step == total_steps:
+        names, per_task = np.unique(row_tasks, return_counts=True)
+        writer.write(step, {**jax.device_get(metrics),
+                            **{f"rows/{t}": int(n) for t, n in zip(names, per_task)}})
+      _maybe_save(ckpt, step, total_steps, state, data_iter, config)
+      if setup.on_step is not None:
+        setup.on_step(stage, step)
+    return state
+
+  earlier = "+".join(config.tasks[:stage]) or "none (first task: L_new only)"
+  return _run_stage(setup, params, stage, stage_dir, abstract_state, init, data_iter,
+                    total_steps, train,
+                    f"ParetoCL on {'+'.join(tasks)}: {num_examples} examples, {total_steps} "
+                    f"steps of {new_rows} new + {batch_size - new_rows} replay rows; "
+                    f"replay of {earlier}")
+
+
+TRAINERS = {"sft": train_sft_stage, "rft": train_rft_stage, "paretocl": train_paretocl_stage}
 
 
 # ------------------------------------------------------------------ stage plumbing
@@ -691,8 +924,13 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
   if overlap or len(set(tasks)) != len(tasks):
     raise ValueError(f"tasks must be unique and disjoint from the general sets; tasks {tasks}, "
                      f"general {general}")
+  if method.trainer == "paretocl":
+    if method.joint:
+      raise ValueError(f"method {config.method!r}: ParetoCL replays earlier tasks, it has no "
+                       "joint stage")
+    check_paretocl_config(config)
   os.makedirs(workdir, exist_ok=True)
-  setup = _setup(config, workdir, on_step)
+  setup = _setup(config, workdir, on_step, method)
   config = setup.config
   stages = [JOINT_STAGE] if method.joint else tasks
   progress = Progress.load_or_new(workdir, method=config.method, tasks=tasks, general=general,
@@ -704,8 +942,9 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
   if progress.zero_shot is None and config.eval.zero_shot:
     params = _initial_params(setup)
     _print("evaluating the starting model (zero-shot row)")
-    results = evaluate_params(setup, params, eval_style)
-    _write_eval(workdir, "zero_shot", results)
+    preferences = {}
+    results = evaluate_params(setup, params, eval_style, preferences=preferences)
+    _write_eval(workdir, "zero_shot", results, preferences)
     progress.zero_shot = _row(results)
     progress.save(workdir)
     _print(_summary_line("zero-shot", progress.zero_shot))
@@ -719,7 +958,7 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
           os.path.join(workdir, "stages", _stage_dir_name(j - 1, stages[j - 1]), "checkpoints"),
           setup.abstract_params))
     stage_tasks = tasks if method.joint else [name]
-    section = config.sft if method.trainer == "sft" else config.rft
+    section = config.rft if method.trainer == "rft" else config.sft  # epochs
     epochs = section.epochs if method.joint else _stage_epochs(section, name)
     stage_dir = os.path.join(workdir, "stages", _stage_dir_name(j, name))
     t0 = time.perf_counter()
@@ -730,8 +969,9 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
       preempted = True
       break
     t_train = time.perf_counter() - t0
-    results = evaluate_params(setup, params, eval_style)
-    _write_eval(workdir, _stage_dir_name(j, name), results)
+    preferences = {}
+    results = evaluate_params(setup, params, eval_style, preferences=preferences)
+    _write_eval(workdir, _stage_dir_name(j, name), results, preferences)
     progress.rows.append(_row(results))
     progress.save(workdir)
     report = None

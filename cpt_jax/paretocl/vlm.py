@@ -166,19 +166,31 @@ def paretocl_loss(graphdef: nnx.GraphDef, params: PyTree, batch: dict,
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
                     num_preferences: int = 5, concentration: float = 1.0,
-                    compute_dtype=None) -> Callable:
+                    compute_dtype=None, remat_policy: str | None = None,
+                    state_sharding: PyTree | None = None) -> Callable:
   """jit(step)(state, batch) -> (state, metrics); `state` (optim.TrainState of the ParetoVLM's
-  pure params) is donated. Preferences come from `state.rng`, which the step advances."""
+  pure params) is donated. Preferences come from `state.rng`, which the step advances.
+  remat_policy and state_sharding: as in `sft.make_train_step`."""
   if num_preferences < 1:
     raise ValueError(f"num_preferences must be >= 1, got {num_preferences}")
+
+  def loss_of_params(params, batch, alphas):
+    return paretocl_loss(graphdef, optim.cast_floating(params, compute_dtype), batch, alphas)
+
+  if remat_policy:
+    policy = getattr(jax.checkpoint_policies, remat_policy, None)
+    if policy is None:
+      raise ValueError(f"unknown remat_policy {remat_policy!r}; see jax.checkpoint_policies")
+    loss_of_params = jax.checkpoint(loss_of_params, policy=policy)
 
   def step(state: optim.TrainState, batch: dict):
     rng, key = jax.random.split(state.rng)
     alphas = hypernet.sample_preferences(key, num_preferences, 2, concentration)  # [K, 2]
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: paretocl_loss(graphdef, optim.cast_floating(p, compute_dtype), batch, alphas),
-        has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
+        state.params, batch, alphas)
     state, info = optim.apply_gradients_or_skip(state.replace(rng=rng), grads, loss, optimizer)
+    if state_sharding is not None:
+      state = jax.lax.with_sharding_constraint(state, state_sharding)
     return state, {"loss": loss, **aux, **info}
 
   return jax.jit(step, donate_argnums=0)

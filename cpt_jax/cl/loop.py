@@ -259,10 +259,6 @@ class Setup:
     return (kind, model, self.model_config, self.mesh, self.rules, self.compute_dtype,
             self.config.remat_policy, *parts)
 
-  @property
-  def replicated(self):
-    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-
   def sources(self, tasks: Sequence[str], split: str) -> list[pipeline_lib.TaskSource]:
     """The splits of `tasks` (opened once per run; training splits cut to data.train_examples)."""
     for task in tasks:
@@ -315,7 +311,7 @@ class Setup:
 
 def _setup(config, workdir: str, on_step: StepHook | None, method: Method) -> Setup:
   """Mesh, data, tokenizer and the abstract model (no weights yet)."""
-  compute_dtype = sft_loop._dtype(config.compute_dtype)  # pylint: disable=protected-access
+  compute_dtype = sft_loop.parse_dtype(config.compute_dtype)
   devices = jax.devices()[:config.num_devices] if config.num_devices else None
   mesh, rules = sharding.mesh_from_config(config.mesh, devices)
   logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
@@ -331,8 +327,8 @@ def _setup(config, workdir: str, on_step: StepHook | None, method: Method) -> Se
     with config.unlocked():
       config.tokenizer.path = os.path.join(config.init.workdir, "tokenizer")
   train_sources = pipeline_lib.open_sources(data_dir, config.tasks, "train", config.data.kind)
-  tokenizer = sft_loop._tokenizer(config, workdir, train_sources)  # pylint: disable=protected-access
-  model_config = sft_loop._model_config(config, tokenizer)  # pylint: disable=protected-access
+  tokenizer = sft_loop.make_tokenizer(config, workdir, train_sources)
+  model_config = sft_loop.make_model_config(config, tokenizer)
 
   def base_model():
     return models.Qwen2_5_VL(model_config, dtype=compute_dtype, param_dtype=jnp.float32,
@@ -340,15 +336,11 @@ def _setup(config, workdir: str, on_step: StepHook | None, method: Method) -> Se
   paretocl = config.paretocl if method.trainer == "paretocl" else None
   base_graphdef = None
   if paretocl is None:
-    abstract_model = nnx.eval_shape(base_model)
+    graphdef, abstract_params, param_sh = sft_loop.abstract_model_params(base_model, mesh, rules)
   else:
-    abstract_model = nnx.eval_shape(lambda: vlm.build(base_model(), paretocl, seed=config.seed))
-    base_graphdef = sft_loop._split_params(abstract_model.base)[0]  # pylint: disable=protected-access
-  graphdef, abstract_params = sft_loop._split_params(abstract_model)  # pylint: disable=protected-access
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(
-      nnx.state(abstract_model, nnx.Param), mesh, rules))
-  abstract_params = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
+    graphdef, abstract_params, param_sh = sft_loop.abstract_model_params(
+        lambda: vlm.build(base_model(), paretocl, seed=config.seed), mesh, rules)
+    base_graphdef = sft_loop.split_params(nnx.eval_shape(base_model))[0]
   return Setup(config=config, workdir=workdir, mesh=mesh, rules=rules, data_dir=data_dir,
                tokenizer=tokenizer, model_config=model_config, graphdef=graphdef,
                abstract_params=abstract_params, param_shardings=param_sh,
@@ -371,13 +363,13 @@ def _initial_params(setup: Setup) -> PyTree:
       return params
     base = nnx.merge(setup.base_graphdef, nnx.State(params))
   else:
-    base = sft_loop._build_model(config, setup.model_config, setup.compute_dtype,  # pylint: disable=protected-access
-                                 setup.mesh, setup.rules)
+    base = sft_loop.build_model(config, setup.model_config, setup.compute_dtype, setup.mesh,
+                                setup.rules)
     if not wrapped:
-      return sft_loop._split_params(base)[1]  # pylint: disable=protected-access
+      return sft_loop.split_params(base)[1]
   model = vlm.build(base, setup.paretocl, seed=config.seed)
   # The adapter is created on one device; its arrays go to their (replicated) shardings.
-  return jax.device_put(sft_loop._split_params(model)[1], setup.param_shardings)  # pylint: disable=protected-access
+  return jax.device_put(sft_loop.split_params(model)[1], setup.param_shardings)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -821,10 +813,8 @@ def _state_programs(setup: Setup, optimizer: optim.Optimizer):
   init donates `params` (an RFT stage has copied its KL reference before)."""
   def init_state(params, rng):
     return optim.create_train_state(params, optimizer, rng)
-  abstract = jax.eval_shape(init_state, setup.abstract_params, jax.random.PRNGKey(0))
-  state_sh = optim.state_shardings(abstract, setup.param_shardings, setup.replicated)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
+  abstract, state_sh = sft_loop.abstract_train_state(
+      init_state, setup.abstract_params, setup.param_shardings, setup.mesh, jax.random.PRNGKey(0))
   init = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)
   return abstract, state_sh, init
 

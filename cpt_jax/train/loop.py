@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,12 +39,13 @@ from cpt_jax.train import optim, sft
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRESETS = ("tiny", "3b", "7b")
+PyTree = Any
 
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics."""
   os.makedirs(workdir, exist_ok=True)
-  compute_dtype = _dtype(config.compute_dtype)
+  compute_dtype = parse_dtype(config.compute_dtype)
 
   # ---------------------------------------------------------------- mesh
   mesh, rules = sharding.mesh_from_config(config.mesh)
@@ -56,8 +58,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     synthetic.build_synthetic(data_dir, config.data.tasks, **config.data.synthetic)
   train_sources = pipeline_lib.open_sources(data_dir, config.data.tasks, "train",
                                             config.data.kind)
-  tokenizer = _tokenizer(config, workdir, train_sources)
-  model_config = _model_config(config, tokenizer)
+  tokenizer = make_tokenizer(config, workdir, train_sources)
+  model_config = make_model_config(config, tokenizer)
   if config.data.batch_size % jax.process_count():
     raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -72,21 +74,15 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   # ---------------------------------------------------------------- model and optimizer
   # Abstract first: a resumed run never builds (or loads) weights it then overwrites.
-  abstract_model = nnx.eval_shape(lambda: models.Qwen2_5_VL(
-      model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)))
-  graphdef, abstract_params = _split_params(abstract_model)
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(
-      nnx.state(abstract_model, nnx.Param), mesh, rules))
+  graphdef, abstract_params, param_sh = abstract_model_params(lambda: models.Qwen2_5_VL(
+      model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)),
+      mesh, rules)
   optimizer = optim.make_optimizer(config.optim, abstract_params,
                                    max(1, total_steps // config.optim.grad_accum_steps))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def init_state(params):
     return optim.create_train_state(params, optimizer, jax.random.PRNGKey(config.seed))
-  abstract_state = jax.eval_shape(init_state, abstract_params)
-  state_sh = optim.state_shardings(abstract_state, param_sh, replicated)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+  abstract_state, state_sh = abstract_train_state(init_state, abstract_params, param_sh, mesh)
 
   # ---------------------------------------------------------------- restore or init
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -97,8 +93,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     state, _ = restored
     logging.info("resumed at step %d", int(state.step))
   else:
-    model = _build_model(config, model_config, compute_dtype, mesh, rules)
-    _, params = _split_params(model)
+    model = build_model(config, model_config, compute_dtype, mesh, rules)
+    _, params = split_params(model)
     del model
     state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=0)(params)
   step = int(state.step)
@@ -212,7 +208,7 @@ def _report(writer, step, metrics, seconds, *, log_every) -> dict:
   return values
 
 
-def _dtype(name: str):
+def parse_dtype(name: str):
   if name not in DTYPES:
     raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {name!r}")
   return DTYPES[name]
@@ -222,13 +218,39 @@ def _device_batch(batch: dict, mesh, rules) -> dict:
   return sharding.shard_batch(sft.device_batch(batch), mesh, rules=rules)
 
 
-def _split_params(model) -> tuple[nnx.GraphDef, dict]:
+def split_params(model) -> tuple[nnx.GraphDef, dict]:
   """(graphdef, float32 params as a pure dict); only nnx.Param state is supported."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     others = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(rest)]
     raise ValueError(f"the trainers keep only nnx.Param variables; the model also has {others[:5]}")
   return graphdef, nnx.to_pure_dict(params)
+
+
+def abstract_model_params(build: Callable[[], nnx.Module], mesh, rules
+                          ) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+  """(graphdef, params as ShapeDtypeStructs carrying their shardings, the shardings) of the
+  model `build()` makes, traced abstractly: no weight is created."""
+  abstract_model = nnx.eval_shape(build)
+  graphdef, abstract_params = split_params(abstract_model)
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(
+      nnx.state(abstract_model, nnx.Param), mesh, rules))
+  abstract_params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
+  return graphdef, abstract_params, param_sh
+
+
+def abstract_train_state(init_state: Callable, abstract_params: PyTree, param_sh: PyTree, mesh,
+                         *args) -> tuple[PyTree, PyTree]:
+  """(abstract TrainState carrying its shardings, the shardings) of
+  `init_state(abstract_params, *args)`: params (and their optimiser moments) as `param_sh`,
+  everything else replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.eval_shape(init_state, abstract_params, *args)
+  state_sh = optim.state_shardings(abstract, param_sh, replicated)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+  return abstract, state_sh
 
 
 def _data_config(config, *, train: bool, product: str = "sft") -> pipeline_lib.DataConfig:
@@ -245,7 +267,7 @@ def _data_config(config, *, train: bool, product: str = "sft") -> pipeline_lib.D
       num_workers=d.num_workers, on_bad_example=d.on_bad_example)
 
 
-def _tokenizer(config, workdir: str, train_sources):
+def make_tokenizer(config, workdir: str, train_sources):
   """The checkpoint's tokenizer, `tokenizer.path`, or one trained on the training texts
   (saved in the workdir so a resumed run reuses it)."""
   if config.model.pretrained:
@@ -271,7 +293,7 @@ def _tokenizer(config, workdir: str, train_sources):
   return tokenizer_lib.train_tokenizer(path, corpus, config.tokenizer.vocab_size)
 
 
-def _model_config(config, tokenizer):
+def make_model_config(config, tokenizer):
   """ModelConfig of the checkpoint (`model.pretrained`) or of a preset sized to the tokenizer."""
   m = config.model
   overrides = dict(remat=m.remat, attention_impl=m.attention_impl)
@@ -290,14 +312,15 @@ def _model_config(config, tokenizer):
       pad_token_id=tokenizer.pad_token_id, **ids, **overrides)
 
 
-def _build_model(config, model_config, compute_dtype, mesh, rules):
-  """The initial model, sharded: from `model.pretrained`, or randomly initialised (on the
-  host for the tiny preset, which skips a compile; else directly sharded on the devices)."""
+def build_model(config, model_config, compute_dtype, mesh, rules):
+  """The initial model, sharded: from `model.pretrained` (each tensor streamed straight to its
+  sharding), or randomly initialised (on the host for the tiny preset, which skips a compile;
+  else directly sharded on the devices)."""
   kwargs = dict(dtype=compute_dtype, param_dtype=jnp.float32)
   if config.model.pretrained:
-    model = models.load_pretrained(config.model.pretrained, remat=config.model.remat,
-                                   attention_impl=config.model.attention_impl, **kwargs)
-    return sharding.shard_model(model, mesh, rules)
+    return models.load_pretrained(config.model.pretrained, remat=config.model.remat,
+                                  attention_impl=config.model.attention_impl, mesh=mesh,
+                                  rules=rules, **kwargs)
   if config.model.preset == "tiny":
     model = models.init_from_config(model_config, config.seed, **kwargs)
     return sharding.shard_model(model, mesh, rules)

@@ -46,11 +46,6 @@ from cpt_jax.train import loop as loop_lib
 from cpt_jax.train import optim, sft
 
 PyTree = Any
-# The SFT job's helpers, so that both jobs agree on tokenizer, model config and initial weights.
-# pylint: disable=protected-access
-_dtype, _tokenizer, _model_config = loop_lib._dtype, loop_lib._tokenizer, loop_lib._model_config
-_build_model, _split_params = loop_lib._build_model, loop_lib._split_params
-# pylint: enable=protected-access
 OLD_LOGPROBS = ("recompute", "sampler")
 RIF_FILE = "rif_offline.json"
 # Batch entries the policy forward and the loss read (the rest stays on the host).
@@ -331,7 +326,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     raise ValueError("the RFT job runs in one process (rollout batches are assembled on one "
                      "host); multi-process RFT is not implemented")
   os.makedirs(workdir, exist_ok=True)
-  compute_dtype = _dtype(config.compute_dtype)
+  # The SFT job's helpers (loop_lib): both jobs agree on tokenizer, model and initial weights.
+  compute_dtype = loop_lib.parse_dtype(config.compute_dtype)
   cfg = grpo_config(config)
   rif_mode = filtering.FilterMode.parse(config.rif.mode)
 
@@ -352,8 +348,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.tokenizer.path = init_tokenizer
-  tokenizer = _tokenizer(config, workdir, train_sources)
-  model_config = _model_config(config, tokenizer)
+  tokenizer = loop_lib.make_tokenizer(config, workdir, train_sources)
+  model_config = loop_lib.make_model_config(config, tokenizer)
   eos_ids = tuple(model_config.eos_token_id)
   pad_id = tokenizer.pad_token_id
 
@@ -363,13 +359,9 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   # ---------------------------------------------------------------- model, roles
   # Abstract first: a resumed run never builds (or loads) weights it then overwrites.
-  abstract_model = nnx.eval_shape(lambda: models.Qwen2_5_VL(
-      model_config, dtype=compute_dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed)))
-  graphdef, abstract_params = _split_params(abstract_model)
-  param_sh = nnx.to_pure_dict(sharding.param_shardings(
-      nnx.state(abstract_model, nnx.Param), mesh, rules))
-  abstract_params = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
+  graphdef, abstract_params, param_sh = loop_lib.abstract_model_params(
+      lambda: models.Qwen2_5_VL(model_config, dtype=compute_dtype, param_dtype=jnp.float32,
+                                rngs=nnx.Rngs(config.seed)), mesh, rules)
   num_iterations = config.num_iterations  # refined after the offline filter below
   micro_steps_per_iteration = (cfg.rollout_batch_size // cfg.update_batch_size
                                * cfg.ppo_epochs * config.optim.grad_accum_steps)
@@ -379,7 +371,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     if init_dir:
       return checkpoint_lib.restore_params(os.path.join(init_dir, "checkpoints"),
                                            abstract_params)
-    return _split_params(_build_model(config, model_config, compute_dtype, mesh, rules))[1]
+    return loop_lib.split_params(
+        loop_lib.build_model(config, model_config, compute_dtype, mesh, rules))[1]
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.ckpt.keep,
@@ -431,14 +424,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   optimizer = optim.make_optimizer(config.optim, abstract_params,
                                    max(1, num_iterations * micro_steps_per_iteration
                                        // config.optim.grad_accum_steps))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def init_state(p):
     return optim.create_train_state(p, optimizer, jax.random.PRNGKey(config.seed))
-  abstract_state = jax.eval_shape(init_state, abstract_params)
-  state_sh = optim.state_shardings(abstract_state, param_sh, replicated)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+  abstract_state, state_sh = loop_lib.abstract_train_state(init_state, abstract_params, param_sh,
+                                                           mesh)
   restored = ckpt.restore_latest(abstract_state, data_iter=train_iter)
   if restored is not None:
     state, _ = restored

@@ -343,6 +343,58 @@ def test_paretocl_resume_after_kill_inside_task_two(shared, paretocl_run):
     np.testing.assert_array_equal(a, b)
 
 
+def test_paretocl_decodes_each_prompt_at_its_chosen_preference(shared, paretocl_run, tmp_path):
+  """With a random adapter B (preferences then change the answers), every response equals the
+  greedy decode of the model folded at that prompt's chosen preference. The micro prompts all
+  pick the same preference, so the choice is replaced by row % K (K distinct per batch)."""
+  workdir, _, _, _ = paretocl_run
+  method, config = loop.resolve_method(micro_config(shared, "paretocl"))
+  setup = loop._setup(config, str(tmp_path), None, method)  # pylint: disable=protected-access
+  params = checkpoint_lib.restore_params(workdir / "stages/1_gqa/checkpoints",
+                                         setup.abstract_params)
+  up = params["adapter"]["up"]
+  params["adapter"]["up"] = jax.device_put(
+      3.0 * jax.random.normal(jax.random.PRNGKey(1), up.shape), up.sharding)
+  p = config.paretocl
+  assert config.eval.batch_size == p.eval_preferences == 4
+
+  def select(params, batch):
+    return {"chosen": np.arange(len(batch["input_ids"])) % p.eval_preferences}
+
+  preferences = {}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(loop._PROGRAMS, setup.program_key(  # pylint: disable=protected-access
+        "paretocl_select", p.eval_preferences, p.eval_seed), select)
+    results = loop.evaluate_params(setup, params, "sft", preferences=preferences)
+  assert preferences["decodes_per_batch"] == p.eval_preferences
+
+  alphas = np.asarray(preferences["alphas"])
+  model = setup.model(params)
+  evaluator = evaluate_lib.Evaluator(
+      [s for t in (*TASKS, *GENERAL) for s in setup.sources([t], "test")], setup.tokenizer,
+      setup.data_config(product="prompt", prompt_style="sft", batch_size=config.eval.batch_size,
+                        train=False), max_examples=config.eval.max_examples)
+  reference = []  # per preference: id -> greedy response of the model folded at it
+  for alpha in alphas:
+    generate = loop._sampler_generate(setup, setup.sampler_of(  # pylint: disable=protected-access
+        config.eval.max_new_tokens, loop.vlm.fold_preference(model, alpha)))
+    responses = {}
+
+    def record(batch, generate=generate, responses=responses):
+      out = generate(batch)
+      responses.update(zip(batch["id"].astype(str), out))
+      return out
+
+    evaluator(record)
+    reference.append(responses)
+  chosen = {i: g for t in (*TASKS, *GENERAL) for i, g in preferences[t]["chosen"].items()}
+  assert any(len({r[i] for r in reference}) > 1 for i in chosen)  # and it matters
+  for task in (*TASKS, *GENERAL):
+    assert len(results[task].examples) == 4
+    for shown in results[task].examples:
+      assert shown["response"] == reference[chosen[shown["id"]]][shown["id"]], shown["id"]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("rank", 0, "config.paretocl.rank must be an integer >= 1"),
     ("eval_preferences", 0, "config.paretocl.eval_preferences must be an integer >= 1"),

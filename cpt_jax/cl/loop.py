@@ -432,7 +432,8 @@ def paretocl_evaluate(setup: Setup, params: PyTree, evaluator: evaluate_lib.Eval
   batch in the shared sampler and the rows that chose it keep their responses. The sampler
   takes one head for all rows, so a batch costs one decode per distinct choice in it (at most
   min(K, batch)); `preferences` receives per task how often each preference was chosen, the
-  mean chosen alpha_new, and the decodes per batch.
+  mean chosen alpha_new and each prompt's choice (id -> index into 'alphas'), and the decodes
+  per batch.
   """
   config, p = setup.config, setup.paretocl
   key = setup.program_key("paretocl_select", p.eval_preferences, p.eval_seed)
@@ -443,9 +444,11 @@ def paretocl_evaluate(setup: Setup, params: PyTree, evaluator: evaluate_lib.Eval
   select = _PROGRAMS[key]
   alphas = np.asarray(vlm.inference_preferences(p.eval_preferences, p.eval_seed))  # [K, 2]
   model = setup.model(params)
-  sampler = setup.sampler_of(config.eval.max_new_tokens, vlm.fold_preference(model, alphas[0]))
+  folded = vlm.fold_preference(model, alphas[0])  # its LM head is reset per preference below
+  sampler = setup.sampler_of(config.eval.max_new_tokens, folded)
   generate = _sampler_generate(setup, sampler)
   counts: dict[str, np.ndarray] = {}
+  choices: dict[str, dict[str, int]] = {}
   decodes = []
 
   def paretocl_generate(batch: Mapping[str, Any]) -> list[str]:
@@ -455,19 +458,22 @@ def paretocl_evaluate(setup: Setup, params: PyTree, evaluator: evaluate_lib.Eval
     responses = [""] * real
     groups = np.unique(chosen)
     for g in groups:
-      sampler.update_weights(vlm.fold_preference(model, alphas[g]))
+      folded.lm_head.set_value(vlm.folded_lm_head(model, alphas[g]))
+      sampler.update_weights(folded)
       decoded = generate(padded)
       for i in np.flatnonzero(chosen == g):
         responses[i] = decoded[i]
-    for task, g in zip(batch["task"], chosen):
+    for task, ident, g in zip(batch["task"], batch["id"], chosen):
       counts.setdefault(str(task), np.zeros(len(alphas), np.int64))[g] += 1
+      choices.setdefault(str(task), {})[str(ident)] = int(g)
     decodes.append(len(groups))
     return responses
 
   results = evaluator(paretocl_generate)
   for task, c in counts.items():
     preferences[task] = {"chosen_counts": c.tolist(),
-                         "mean_alpha_new": float(c @ alphas[:, 1] / c.sum())}
+                         "mean_alpha_new": float(c @ alphas[:, 1] / c.sum()),
+                         "chosen": choices[task]}
   preferences["alphas"] = alphas.tolist()
   preferences["decodes_per_batch"] = float(np.mean(decodes))
   _print(f"ParetoCL evaluation: {np.mean(decodes):.1f} decodes per batch; mean chosen alpha_new "

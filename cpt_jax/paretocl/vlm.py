@@ -17,6 +17,9 @@ and the replay batch (`concat_batches`), K preferences from Dirichlet(1, 1) per 
 with the answer-token cross-entropy of `train.sft.loss_fn`. The K heads are applied one after
 another (`lax.map`), so memory holds one [B, S, V] logits array at a time, not K.
 
+The continual loop's method 'paretocl' (cpt_jax/cl/loop.py) trains with `build` and
+`make_train_step` and decodes with `make_prompt_select_step` + `fold_preference`.
+
 Inference (`make_predict_step`): K fixed preferences (seeded), per sample the one whose
 answer distribution has the least entropy. `entropy='first_token'` (default) scores the
 next-token distribution at the last prompt position (the first answer token a decoder would
@@ -279,10 +282,8 @@ def make_prompt_select_step(graphdef: nnx.GraphDef, *, num_preferences: int = 20
   return jax.jit(select)
 
 
-def fold_preference(model: ParetoVLM, alpha) -> models.Qwen2_5_VL:
-  """A plain Qwen2.5-VL whose (untied) LM head is head + A diag(s(alpha)) B: the ParetoVLM at
-  one fixed preference, for decoders (rl.sampler.Sampler) that take a Qwen2_5_VL. Shares the
-  backbone arrays with `model`; a tied-embedding base gets its own lm_head."""
+def folded_lm_head(model: ParetoVLM, alpha) -> jax.Array:
+  """The LM-head kernel [D, V] of the ParetoVLM at one preference: head + A diag(s(alpha)) B."""
   base = model.base
   alpha = jnp.asarray(alpha, jnp.float32)
   if alpha.shape != (2,):
@@ -290,11 +291,21 @@ def fold_preference(model: ParetoVLM, alpha) -> models.Qwen2_5_VL:
   kernel = (base.lm_head[...] if base.lm_head is not None
             else base.language_model.embed_tokens[...].T)  # [D, V]
   update = (model.adapter.down[...] * model.adapter.scales(alpha)) @ model.adapter.up[...]
+  return (kernel + update).astype(kernel.dtype)
+
+
+def fold_preference(model: ParetoVLM, alpha) -> models.Qwen2_5_VL:
+  """A plain Qwen2.5-VL whose (untied) LM head is head + A diag(s(alpha)) B: the ParetoVLM at
+  one fixed preference, for decoders (rl.sampler.Sampler) that take a Qwen2_5_VL. Shares the
+  backbone arrays with `model`; a tied-embedding base gets its own lm_head. Another
+  preference: `folded.lm_head.set_value(folded_lm_head(model, alpha))`."""
+  base = model.base
+  kernel = folded_lm_head(model, alpha)
   config = dataclasses.replace(base.config, tie_word_embeddings=False)
   folded = nnx.eval_shape(lambda: models.Qwen2_5_VL(
       config, dtype=base.language_model.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
   nnx.update(folded, nnx.state(base))
-  folded.lm_head.set_value((kernel + update).astype(kernel.dtype))
+  folded.lm_head.set_value(kernel)
   return folded
 
 

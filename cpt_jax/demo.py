@@ -101,7 +101,7 @@ PAIRS = (
 )
 # Compared too, outside the SFT-vs-RFT conclusion.
 OTHER_PAIRS = (
-    ("sft", "paretocl", "at the same learning rate and steps (ParetoCL adds replay of the earlier "
+    ("sft", "paretocl", "at the same learning rate and epochs (ParetoCL adds replay of the earlier "
      "tasks and a preference-conditioned head)"),
 )
 

@@ -99,7 +99,7 @@ def test_paretocl_run_in_the_menu_table_and_reading():
   for k, s in runs.items():
     s.label = k
   lines = demo.reading(runs)
-  assert any(line.startswith("sft vs paretocl, at the same learning rate and steps") and
+  assert any(line.startswith("sft vs paretocl, at the same learning rate and epochs") and
              "sft forgot more" in line for line in lines)
   # As without the paretocl run: SFT forgets more at the paper's ratio, no same-lr controls.
   assert lines[-1].startswith("Conclusion: SFT forgets more than RFT at the paper's")

@@ -13,10 +13,11 @@ Runs of the 'cpt' job (cpt_jax/cl/loop.py), sharing the data, the tokenizer and 
                RFT 1e-6 on a 7B model), 1 epoch of 8 rollouts per prompt per task;
   sft_low_lr   SFT at RFT's lr, and rft_high_lr: RFT at SFT's lr. The two controls separate
                the method from its learning rate;
-  paretocl     (optional, not in the default runs) continual ParetoCL from base at SFT's lr and
-               steps: each batch adds 16 replay rows of the earlier tasks (32 kept per task) to
-               SFT's 32 new rows; rank-8 preference-conditioned LM-head update; evaluation with
-               the min-entropy preference of 20 per prompt.
+  paretocl     (optional, not in the default runs) continual ParetoCL from base at SFT's lr,
+               1 epoch per task: from task 2 on each batch adds 16 replay rows of the earlier
+               tasks (32 kept per task) to SFT's 32 new rows (task 1: 48 new rows); rank-8
+               preference-conditioned LM-head update; evaluation with the min-entropy
+               preference of 20 per prompt.
 The learning rates are ~300x the paper's: the model is small and its base training short.
 
 Answer format (chosen): every run asks with the SFT prompt ("Answer the question using a

@@ -3,6 +3,8 @@ evaluate every task after each, and report the accuracy matrix a[j][i] (papers.m
 
     python -m cpt_jax.main --config=configs/cpt/qwen2_5_vl_7b.py:method=rft,ckpt=DIR \\
         --config.data.dir=/data/tfds --workdir=gs://bucket/cpt/rft
+    python -m cpt_jax.main --config=configs/cpt/paretocl_qwen2_5_vl_7b.py:ckpt=DIR \\
+        --config.data.dir=/data/tfds --workdir=gs://bucket/cpt/paretocl
     python -m cpt_jax.demo --workdir=/tmp/demo     # the embedded default, SFT vs RFT on CPU
 
 Methods (`config.method`, registry `METHODS`):

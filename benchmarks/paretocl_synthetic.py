@@ -30,6 +30,8 @@ flags.DEFINE_integer("buffer", 500, "Replay buffer size (same for both methods).
 flags.DEFINE_string("setting", "online", "online (1 epoch per task) or offline (5).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.DEFINE_list("methods", ["er", "paretocl"], "Methods.")
+flags.DEFINE_float("grad_clip", None, "Global-norm gradient clip for both methods (default: the "
+                   "config's, 1.0 as in the paper; inf: no clipping).")
 flags.DEFINE_bool("reuse", False, "Read <workdir>/<method>_seed<seed>/report.json where it exists "
                   "instead of training again (to merge runs made by parallel invocations).")
 FLAGS = flags.FLAGS
@@ -42,8 +44,11 @@ def _config(method: str, seed: int):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   data_dir = os.path.join(FLAGS.workdir, "tfds")
-  return module.get_config(f"method={method},setting={FLAGS.setting},seed={seed},"
-                           f"buffer={FLAGS.buffer},data_dir={data_dir}")
+  config = module.get_config(f"method={method},setting={FLAGS.setting},seed={seed},"
+                             f"buffer={FLAGS.buffer},data_dir={data_dir}")
+  if FLAGS.grad_clip is not None:
+    config.train.grad_clip = FLAGS.grad_clip
+  return config
 
 
 def _mean_std(values) -> dict:
@@ -77,6 +82,7 @@ def main(argv):
                    report["aaa"], report["wall_seconds"])
 
   summary = {"setting": FLAGS.setting, "buffer": FLAGS.buffer, "seeds": FLAGS.seeds,
+             "grad_clip": _config(FLAGS.methods[0], 0).train.grad_clip,
              "device": str(jax.devices()[0]), "methods": {}}
   rows = [(m, m, lambda r: r) for m in reports]
   if "paretocl" in reports:

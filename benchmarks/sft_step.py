@@ -19,14 +19,21 @@ tower (hidden 256), each sequence one 224x224 image (256 patches -> 64 image tok
 filling the rest of the 256 tokens. Its FLOPs add the vision tower's (6 x matmul weights per
 patch + window/full attention scores); `over_text` is its step time over `small`'s.
 
-  python benchmarks/sft_step.py --sizes=small,small_vl,100m --out=/tmp/sft_step.json
+With `--peers`, the same job then runs the peers' training workloads on the text sizes
+(shared/peers: transformers + PyTorch `train`, Tunix `train_step`, each in its own process from
+the peers' venv) and reports ours / theirs tokens/s ratios: the machine is noisy, compare
+ratios from one run only.
+
+  python benchmarks/sft_step.py --sizes=small,small_vl,100m --peers --out=/tmp/sft_step.json
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import time
 
 from absl import app
@@ -56,6 +63,12 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Steps per timed call (0: 2 for small,
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_gflops", 165.0, "Peak float32 GFLOP/s of the machine.")
+_PEERS = flags.DEFINE_bool("peers", False, "Also run the HF and Tunix training benchmarks.")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
+_PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
+# peer -> (script, workload, the result key holding tokens_per_s)
+PEERS = {"hf": ("hf_bench.py", "train", "train"),
+         "tunix": ("tunix_bench.py", "train_step", "train_plain_nnx_step")}
 
 
 def model_config(size: str) -> models.ModelConfig:
@@ -203,6 +216,18 @@ def measure(size: str) -> dict:
       cpu=platform.processor() or platform.machine())
 
 
+def run_peer(peer: str, size: str) -> dict:
+  script, workload, _ = PEERS[peer]
+  command = [_PEER_PYTHON.value, os.path.join(_PEER_DIR.value, script), "--size", size,
+             "--workload", workload]
+  load = os.getloadavg()[0]
+  proc = subprocess.run(command, capture_output=True, text=True, check=False)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode or not lines:
+    return dict(command=" ".join(command), error=proc.stderr[-2000:])
+  return dict(json.loads(lines[-1]), load_1min_before=load)
+
+
 def main(argv):
   del argv
   unknown = [s for s in _SIZES.value if s not in SIZES and s not in VL_SIZES]
@@ -215,8 +240,20 @@ def main(argv):
     if text is not None:
       results[-1]["over_text"] = round(results[-1]["median_s"] / text["median_s"], 3)
     print(json.dumps(results[-1]), flush=True)
+  report = dict(results=results, load_1min_end=os.getloadavg()[0])
+  if _PEERS.value:
+    report["peers"], report["ratios"] = {}, {}
+    for size in [s for s in _SIZES.value if s in SIZES]:
+      ours = next(r for r in results if r["size"] == size)["tokens_per_s"]
+      for peer in PEERS:
+        result = run_peer(peer, size)
+        report["peers"][f"{peer}_{size}"] = result
+        theirs = result.get("results", {}).get(PEERS[peer][2], {}).get("tokens_per_s")
+        if theirs:
+          report["ratios"][f"{size}_vs_{peer}"] = round(ours / theirs, 3)
+    print(json.dumps({"ratios": report["ratios"]}), flush=True)
   with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
+    json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

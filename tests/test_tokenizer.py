@@ -33,3 +33,15 @@ def test_chat_template_renders_image_and_roundtrips(tok):
 def test_load_tokenizer_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
     tokenizer_lib.load_tokenizer(tmp_path / "nope")
+
+
+def test_chat_template_renderer_is_a_runtime_dependency():
+  """transformers renders chat templates with jinja2 but does not require it; the test extra
+  (torch) pulls it in, so only the runtime dependency list keeps a plain install working."""
+  import pathlib
+  import re
+  import tomllib
+  pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+  deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+  names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in deps}
+  assert "jinja2" in names, sorted(names)

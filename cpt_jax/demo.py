@@ -245,8 +245,9 @@ def demo_markdown(base: Mapping[str, Any], summaries: Mapping[str, RunSummary],
     general = r.get("general", {})
     before = ", ".join(_fmt(g["before"]) for g in general.values()) or "n/a"
     after = ", ".join(_fmt(g["after"]) for g in general.values()) or "n/a"
-    body.append([label, f"{optim_section(r['config'])['optim']['lr']:g}", _fmt(r["avg_acc"]), _fmt(r["fm"]),
-                 _fmt(r["bwt"]), _fmt(s.gain), before, after])
+    lr = optim_section(r["config"])["optim"]["lr"]
+    body.append([label, f"{lr:g}", _fmt(r["avg_acc"]), _fmt(r["fm"]), _fmt(r["bwt"]),
+                 _fmt(s.gain), before, after])
   lines = ["# Demo: continual SFT vs continual RFT (synthetic seven tasks, CPU)", ""]
   lines += [setup_text(summaries), ""]
   lines += report_lib.markdown_table(header, body) + [""]

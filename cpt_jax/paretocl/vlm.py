@@ -107,7 +107,8 @@ def concat_batches(model_config: models.ModelConfig, new: dict, replay: dict) ->
   length = max(new["input_ids"].shape[1], replay["input_ids"].shape[1])
 
   def cat(key):
-    rows = [np.pad(np.asarray(b[key]), ((0, 0), (0, length - b[key].shape[1]))) for b in (new, replay)]
+    rows = [np.pad(np.asarray(b[key]), ((0, 0), (0, length - b[key].shape[1])))
+            for b in (new, replay)]
     return np.concatenate(rows).astype(np.int32)
 
   out = {k: cat(k) for k in ("input_ids", "attention_mask", "loss_mask")}

@@ -671,26 +671,10 @@ def train_rft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: i
                        if isinstance(v, (int, float))})
     trainer.sync_rollout(state.params)
     while iteration < num_iterations:
-      t0 = time.perf_counter()
-      key = jax.random.fold_in(state.rng, iteration)
-      draws = iter(range(1 << 30))
-
-      def next_groups():
-        return sample(next(data_iter), jax.random.fold_in(key, next(draws)))
-
-      groups, filter_stats = rollout.collect_groups(
-          next_groups, target=cfg.rollout_batch_size, mode=rif_mode.value, low=r.rif.low,
-          high=r.rif.high, max_batches=r.rif.max_batches or None, pad_id=pad_id,
-          model_config=setup.model_config)
-      t_rollout = time.perf_counter() - t0
-      groups = rollout.add_advantages(groups, cfg)
-      state, metrics = trainer.update(state, groups)
-      trainer.sync_rollout(state.params)
+      state, metrics = trainer.iterate(
+          state, iteration, lambda: next(data_iter), sample, filter_mode=rif_mode.value,
+          low=r.rif.low, high=r.rif.high, max_batches=r.rif.max_batches or None)
       iteration += 1
-      metrics.update(rollout.group_stats(groups))
-      metrics.update(filter_stats)
-      metrics["time/rollout"] = t_rollout
-      metrics["time/iteration"] = time.perf_counter() - t0
       if iteration % config.log_every == 0 or iteration == num_iterations:
         writer.write(iteration, metrics)
       _maybe_save(ckpt, iteration, num_iterations, state, data_iter, config)

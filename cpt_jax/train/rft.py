@@ -301,6 +301,34 @@ class GRPOTrainer:
       out["sampler_logprob_gap"] = sampler_gap
     return state, {**out, **timings}
 
+  def iterate(self, state: optim.TrainState, iteration: int, next_batch: Callable[[], dict],
+              sample: Callable[[dict, jax.Array], dict], *, filter_mode: str, low: float,
+              high: float, max_batches: int | None) -> tuple[optim.TrainState, dict]:
+    """One GRPO iteration: rollouts of prompt batches from `next_batch()` by
+    `sample(batch, key)` (keys fold_in(fold_in(state.rng, iteration), draw): a resumed run
+    draws the same ones), collected to cfg.rollout_batch_size prompts through the
+    `filter_mode` filter (rl.rollout.collect_groups), advantages, `update`, and the rollout
+    weights synced. Metrics: the update's, the groups' reward statistics, the filter's, times."""
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(state.rng, iteration)
+    draws = itertools.count()
+
+    def next_groups():
+      return sample(next_batch(), jax.random.fold_in(key, next(draws)))
+
+    groups, filter_stats = rollout.collect_groups(
+        next_groups, target=self.cfg.rollout_batch_size, mode=filter_mode, low=low, high=high,
+        max_batches=max_batches, pad_id=self.pad_id, model_config=self.model_config)
+    t_rollout = time.perf_counter() - t0
+    groups = rollout.add_advantages(groups, self.cfg)
+    state, metrics = self.update(state, groups)
+    self.sync_rollout(state.params)
+    metrics.update(rollout.group_stats(groups))
+    metrics.update(filter_stats)
+    metrics["time/rollout"] = t_rollout
+    metrics["time/iteration"] = time.perf_counter() - t0
+    return state, metrics
+
 
 # ------------------------------------------------------------------ the RFT job
 
@@ -492,27 +520,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     writer.write(0, final)
   preempted = False
   while iteration < num_iterations:
-    t0 = time.perf_counter()
-    key = jax.random.fold_in(state.rng, iteration)
-    draws = itertools.count()
-
-    def next_groups():
-      batch = next(train_iter)
-      return sample(batch, jax.random.fold_in(key, next(draws)))
-
-    groups, filter_stats = rollout.collect_groups(
-        next_groups, target=cfg.rollout_batch_size, mode=rif_mode.value, low=config.rif.low,
-        high=config.rif.high, max_batches=config.rif.max_batches or None, pad_id=pad_id,
-        model_config=model_config)
-    t_rollout = time.perf_counter() - t0
-    groups = rollout.add_advantages(groups, cfg)
-    state, metrics = trainer.update(state, groups)
-    trainer.sync_rollout(state.params)
+    state, metrics = trainer.iterate(
+        state, iteration, lambda: next(train_iter), sample, filter_mode=rif_mode.value,
+        low=config.rif.low, high=config.rif.high, max_batches=config.rif.max_batches or None)
     iteration += 1
-    metrics.update(rollout.group_stats(groups))
-    metrics.update(filter_stats)
-    metrics["time/rollout"] = t_rollout
-    metrics["time/iteration"] = time.perf_counter() - t0
     if metrics["skipped"]:
       writer.log("iteration %d: %d non-finite updates skipped", iteration, metrics["skipped"])
     if iteration % config.log_every == 0 or iteration == num_iterations:

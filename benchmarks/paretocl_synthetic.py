@@ -51,6 +51,11 @@ def _config(method: str, seed: int):
   return config
 
 
+def _grad_clip_json(grad_clip: float) -> float | None:
+  """The clip as JSON allows it: null for no clipping (inf)."""
+  return float(grad_clip) if np.isfinite(grad_clip) else None
+
+
 def _mean_std(values) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": list(values)}
 
@@ -82,7 +87,7 @@ def main(argv):
                    report["aaa"], report["wall_seconds"])
 
   summary = {"setting": FLAGS.setting, "buffer": FLAGS.buffer, "seeds": FLAGS.seeds,
-             "grad_clip": _config(FLAGS.methods[0], 0).train.grad_clip,
+             "grad_clip": _grad_clip_json(_config(FLAGS.methods[0], 0).train.grad_clip),
              "device": str(jax.devices()[0]), "methods": {}}
   rows = [(m, m, lambda r: r) for m in reports]
   if "paretocl" in reports:

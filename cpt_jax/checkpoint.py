@@ -11,6 +11,7 @@ crash mid-save never leaves a half-written step as the latest one.
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -25,6 +26,12 @@ from cpt_jax.train.optim import TrainState
 PyTree = Any
 
 
+def absolute(directory) -> str:
+  """`directory` as Orbax needs it: local paths made absolute, URLs (gs://...) unchanged."""
+  directory = os.fspath(directory)
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
   """Saves and restores `TrainState` (+ data iterator, + metadata) under `directory`.
 
@@ -36,7 +43,7 @@ class Checkpointer:
   def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True,
                handle_sigterm: bool = True):
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
+        absolute(directory), options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True))
     self._sigterm = False
     self._previous_handler = None
@@ -116,7 +123,7 @@ def _train_part(state: TrainState) -> dict:
 
 def restore_params(directory, abstract_params: PyTree, step: int | None = None) -> PyTree:
   """Only the weights of a checkpoint directory (the newest step by default)."""
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+  with ocp.CheckpointManager(absolute(directory), options=ocp.CheckpointManagerOptions(
       read_only=True)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -129,3 +129,20 @@ def test_sigterm_requests_a_save(tmp_path):
   finally:
     ckpt.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_relative_directory(tmp_path, monkeypatch, state):
+  """A relative workdir (`--workdir=runs/demo`) saves asynchronously and restores: Orbax itself
+  refuses relative paths in its background writer."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.Checkpointer("runs/x/checkpoints", handle_sigterm=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  assert (tmp_path / "runs/x/checkpoints/1").is_dir()
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpointer("runs/x/checkpoints", handle_sigterm=False)
+  restored, _ = ckpt.restore_latest(abstract_of(state, dev))
+  ckpt.close()
+  assert_states_equal(restored, state)
+  params = checkpoint.restore_params("runs/x/checkpoints", abstract_of(state, dev).params)
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)

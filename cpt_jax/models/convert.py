@@ -44,7 +44,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
   hf_dir, out = os.fspath(hf_dir), os.fspath(out)
   model = params_lib.load_pretrained(hf_dir, param_dtype=param_dtype)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ocp.CheckpointManager(out, options=ocp.CheckpointManagerOptions(
+  with ocp.CheckpointManager(checkpoint_lib.absolute(out), options=ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=False)) as manager:
     if manager.all_steps():
       raise FileExistsError(f"{out!r} already holds checkpoint steps {manager.all_steps()}")
@@ -80,8 +80,8 @@ def _hf_config(checkpoint_dir: str, hf_config_from: str | None) -> dict:
 
 def _stored_params(checkpoint_dir: str, step: int | None) -> tuple[int, dict[str, tuple]]:
   """(step, {'a.b.c': (shape, dtype)}) of the params item of `step` (default: the newest)."""
-  with ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
-      read_only=True)) as manager:
+  with ocp.CheckpointManager(checkpoint_lib.absolute(checkpoint_dir),
+                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
     steps = manager.all_steps()
     if step is None:
       step = manager.latest_step()

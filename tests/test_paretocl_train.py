@@ -72,6 +72,10 @@ def test_end_to_end(method, data_dir, tmp_path):
   lines = open(tmp_path / "tasks.jsonl").read().splitlines()
   assert [json.loads(line)["task"] for line in lines] == [0, 1]
   assert json.load(open(tmp_path / "report.json")) == json.loads(json.dumps(report))
+  # The continual post-training report format, so cl.compare reads these runs too.
+  assert report["matrix"] == acc.tolist() and report["avg_acc"] == pytest.approx(report["acc"])
+  for name in ("report.md", "accuracy_matrix.csv", "accuracy_matrix.png"):
+    assert (tmp_path / name).is_file(), name
   if method == "paretocl":
     assert np.array(report["paretocl_minus"]["acc_matrix"]).shape == (2, 2)
     assert report["sweep"]["alpha_new"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])

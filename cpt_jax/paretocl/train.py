@@ -2,9 +2,10 @@
 
 `run(config, workdir)` reads the benchmark, then for each task: trains `config.train.epochs`
 passes over the task's stream (1: online, 5: offline) with a reservoir replay buffer, and
-evaluates every task. It writes one line per task to `tasks.jsonl` and the final
-`report.json` (accuracy matrix, Acc, AAA, forgetting; for ParetoCL also ParetoCL-- and the
-alpha sweep) into workdir, and returns the report.
+evaluates every task. It writes one line per task to `tasks.jsonl` and, at the end, the
+continual post-training report (cl.report: report.md, accuracy_matrix.csv, plots) and
+`report.json` (its fields plus accuracy matrix, Acc, AAA, forgetting; for ParetoCL also
+ParetoCL-- and the alpha sweep) into workdir, and returns the report.
 
 Per step (both methods): a replay batch is sampled from the buffer, one backbone pass runs
 on stream + replay images, the method's loss is minimised with SGD (gradient clipping),
@@ -32,6 +33,7 @@ from absl import logging
 from flax import nnx
 
 from cpt_jax.cl import metrics as cl_metrics
+from cpt_jax.cl import report as report_lib
 from cpt_jax.paretocl import buffer as replay_buffer
 from cpt_jax.paretocl import data as cl_data
 from cpt_jax.paretocl import hypernet, losses, resnet
@@ -366,17 +368,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       tasks_log.flush()
       logging.info("after task %d: %s", task_id, record)
 
-  report = {"method": config.method, "setting": config.setting, "seed": config.seed,
-            "dataset": config.data.name, "num_tasks": num_tasks,
-            "classes_per_task": benchmark.classes_per_task, "buffer_size": config.buffer.size,
-            "steps": trainer.step, "train_seconds_incl_compile": train_seconds,
-            **summarize(acc["pred"])}
+  classic = {"method": config.method, "setting": config.setting, "seed": config.seed,
+             "dataset": config.data.name, "num_tasks": num_tasks,
+             "classes_per_task": benchmark.classes_per_task, "buffer_size": config.buffer.size,
+             "steps": trainer.step, "train_seconds_incl_compile": train_seconds,
+             **summarize(acc["pred"])}
   if config.method == "paretocl":
-    report["paretocl_minus"] = summarize(acc["pred_fixed"])
+    classic["paretocl_minus"] = summarize(acc["pred_fixed"])
     sweep_alphas = np.asarray(hypernet.preference_sweep(config.paretocl.sweep_points))
-    report["sweep"] = {
+    classic["sweep"] = {
         "alpha_new": sweep_alphas[:, 1].tolist(),
         "old_new_after_task": sweep_old_new}  # [T - 1][S][2]
+  # The continual post-training report files (report.md, accuracy_matrix.csv, plots), then
+  # report.json with this benchmark's fields added.
+  report = report_lib.write_report(workdir, method=config.method, matrix=acc["pred"],
+                                   task_names=[f"task_{i}" for i in range(num_tasks)])
+  report.update(classic)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
   return report

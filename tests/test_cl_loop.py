@@ -10,6 +10,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -24,6 +25,7 @@ from cpt_jax.data import prompts
 from cpt_jax.data import synthetic
 from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.rl.sampler import SampleOutput
+from cpt_jax.train import loop as train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # config files import `configs.common`, found from the repo root
@@ -520,3 +522,23 @@ def test_sampler_generate_pads_and_decodes(eval_setup):
   last = batches[-1]  # 8 = 3 + 3 + 2 rows
   assert generate(last) == ["answer 0", "answer 1"]
   assert calls == [(4, 0.0, 4)]
+
+
+def test_tokenizer_learns_the_answer_template(tmp_path):
+  """The tokenizer trained for a run sees the answers as SFT writes them: with the paper's
+  '<think> </think> \\boxed{...}' the wrapper costs a few tokens, not one per byte."""
+  records = [{"task": b"gqa", "question": f"What color is object {i}?".encode(), "options": [],
+              "answer": (b"red", b"blue", b"left")[i % 3]} for i in range(60)]
+  sources = [pipeline_lib.TaskSource("gqa", records)]
+  config = ml_collections.ConfigDict(dict(model=dict(pretrained=""), tokenizer=dict(
+      path="", vocab_size=400, corpus_examples=60)))
+  template = "<think> </think> \\boxed{{answer}}"
+  response = "<think> </think> \\boxed{red}"
+  plain = train_loop.make_tokenizer(config, str(tmp_path / "plain"), loop.templated(
+      sources, "{answer}"))
+  taught = train_loop.make_tokenizer(config, str(tmp_path / "taught"), loop.templated(
+      sources, template))
+  n_plain, n_taught = (len(t(response)["input_ids"]) for t in (plain, taught))
+  assert n_taught * 2 <= n_plain, (n_plain, n_taught)
+  with pytest.raises(ValueError, match="has no '{answer}'"):
+    loop.templated(sources, "\\boxed{x}")

@@ -41,7 +41,7 @@ from configs.cpt import base as cpt_base
 ANSWER_FORMATS = {
     # answer_template of SFT targets, RFT reward, longest sequence, response tokens
     "direct": ("{answer}", "no_cot", 104, 8),
-    "think_boxed": ("<think> </think> \\boxed{{answer}}", "cot_boxed", 120, 16),
+    "think_boxed": ("<think> </think> \\boxed{{answer}}", "cot_boxed", 128, 24),
 }
 SFT_LR, RFT_LR = 3e-3, 3e-4
 

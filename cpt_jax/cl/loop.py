@@ -329,7 +329,8 @@ def _setup(config, workdir: str, on_step: StepHook | None, method: Method) -> Se
     with config.unlocked():
       config.tokenizer.path = os.path.join(config.init.workdir, "tokenizer")
   train_sources = pipeline_lib.open_sources(data_dir, config.tasks, "train", config.data.kind)
-  tokenizer = sft_loop.make_tokenizer(config, workdir, train_sources)
+  tokenizer = sft_loop.make_tokenizer(config, workdir,
+                                      templated(train_sources, config.data.answer_template))
   model_config = sft_loop.make_model_config(config, tokenizer)
 
   def base_model():
@@ -519,6 +520,16 @@ class _AnswerTemplate:
     return record
 
 
+def templated(sources: Sequence[pipeline_lib.TaskSource],
+              template: str) -> list[pipeline_lib.TaskSource]:
+  """`sources` with their answers written as `template` (the response format SFT trains on)."""
+  if template == "{answer}":
+    return list(sources)
+  if "{answer}" not in template:
+    raise ValueError(f"data.answer_template {template!r} has no '{{answer}}'")
+  return [dataclasses.replace(ts, source=_AnswerTemplate(ts.source, template)) for ts in sources]
+
+
 def _stage_epochs(section, name: str) -> float:
   per_task = dict(section.epochs_per_task)
   return float(per_task.get(name, section.epochs))
@@ -526,14 +537,7 @@ def _stage_epochs(section, name: str) -> float:
 
 def _sft_sources(setup: Setup, tasks: Sequence[str]) -> list[pipeline_lib.TaskSource]:
   """The training splits of `tasks` with the answers SFT trains on (data.answer_template)."""
-  template = setup.config.data.answer_template
-  sources = setup.sources(tasks, "train")
-  if template != "{answer}":
-    if "{answer}" not in template:
-      raise ValueError(f"data.answer_template {template!r} has no '{{answer}}'")
-    sources = [dataclasses.replace(ts, source=_AnswerTemplate(ts.source, template))
-               for ts in sources]
-  return sources
+  return templated(setup.sources(tasks, "train"), setup.config.data.answer_template)
 
 
 def train_sft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: int,

@@ -181,11 +181,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
   def loss_of_params(params, batch, alphas):
     return paretocl_loss(graphdef, optim.cast_floating(params, compute_dtype), batch, alphas)
 
-  if remat_policy:
-    policy = getattr(jax.checkpoint_policies, remat_policy, None)
-    if policy is None:
-      raise ValueError(f"unknown remat_policy {remat_policy!r}; see jax.checkpoint_policies")
-    loss_of_params = jax.checkpoint(loss_of_params, policy=policy)
+  loss_of_params = optim.with_remat(loss_of_params, remat_policy)
 
   def step(state: optim.TrainState, batch: dict):
     rng, key = jax.random.split(state.rng)

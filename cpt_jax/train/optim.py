@@ -172,6 +172,17 @@ def cast_floating(tree: PyTree, dtype) -> PyTree:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def with_remat(loss_fn, remat_policy: str | None):
+  """`loss_fn` under jax.checkpoint with the `jax.checkpoint_policies` entry `remat_policy`
+  (e.g. 'dots_with_no_batch_dims_saveable'); unchanged when it is empty."""
+  if not remat_policy:
+    return loss_fn
+  policy = getattr(jax.checkpoint_policies, remat_policy, None)
+  if policy is None:
+    raise ValueError(f"unknown remat_policy {remat_policy!r}; see jax.checkpoint_policies")
+  return jax.checkpoint(loss_fn, policy=policy)
+
+
 def current_lr(state: TrainState, optimizer: Optimizer) -> jax.Array:
   """The learning rate the next finite update of `state` uses."""
   return optimizer.schedule((state.step - state.skipped) // optimizer.accum_steps)

@@ -125,11 +125,7 @@ def make_grpo_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, cfg: grpo
                                      batch["advantages"], batch["response_mask"], cfg)
     return loss * batch["loss_scale"], (loss, metrics)
 
-  if remat_policy:
-    policy = getattr(jax.checkpoint_policies, remat_policy, None)
-    if policy is None:
-      raise ValueError(f"unknown remat_policy {remat_policy!r}; see jax.checkpoint_policies")
-    loss_of_params = jax.checkpoint(loss_of_params, policy=policy)
+  loss_of_params = optim.with_remat(loss_of_params, remat_policy)
 
   def step(state: optim.TrainState, batch: dict):
     (scaled, (loss, metrics)), grads = jax.value_and_grad(loss_of_params, has_aux=True)(

@@ -95,11 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
     logits = forward(graphdef, optim.cast_floating(params, compute_dtype), batch)
     return loss_fn(logits, batch["input_ids"], batch["loss_mask"])
 
-  if remat_policy:
-    policy = getattr(jax.checkpoint_policies, remat_policy, None)
-    if policy is None:
-      raise ValueError(f"unknown remat_policy {remat_policy!r}; see jax.checkpoint_policies")
-    loss_of_params = jax.checkpoint(loss_of_params, policy=policy)
+  loss_of_params = optim.with_remat(loss_of_params, remat_policy)
 
   def step(state: optim.TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state.params, batch)

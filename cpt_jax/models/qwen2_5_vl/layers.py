@@ -97,28 +97,47 @@ class GatedMLP(nnx.Module):
     self.act = act
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+    # gate and up as one dot: [..., D] x [D, 2, F] -> [..., 2, F].
+    kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
+    x = x.astype(self.down_proj.dtype)
+    y = jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    if self.gate_proj.bias is not None:
+      y = y + jnp.stack([self.gate_proj.bias[...], self.up_proj.bias[...]]).astype(y.dtype)
+    return self.down_proj(activation(self.act)(y[..., 0, :]) * y[..., 1, :])
+
+
+def key_layout(k: jax.Array) -> jax.Array:
+  """Keys [B, T, K, D] -> [B, K, T, D], the layout `attention` reads them in."""
+  return k.transpose(0, 2, 1, 3)
+
+
+def value_layout(v: jax.Array) -> jax.Array:
+  """Values [B, T, K, D] -> [B, K, D, T], the layout `attention` reads them in."""
+  return v.transpose(0, 2, 3, 1)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               kv_lengths: jax.Array | None = None, impl: str | None = "xla") -> jax.Array:
   """Softmax attention with grouped KV heads.
 
-  q [B, S, N, D], k/v [B, T, K, D] with N a multiple of K; `mask` [B, S, T] (True = attend)
-  and/or `kv_lengths` [B] (keys at t >= length are ignored). Returns [B, S, N, D].
+  q [B, S, N, D]; k [B, K, T, D] and v [B, K, D, T] (`key_layout`, `value_layout`: the operand
+  layouts of the two batched matmuls, so a KV cache kept in them is read without a transpose)
+  with N a multiple of K; `mask` [B, S, T] (True = attend) and/or `kv_lengths` [B] (keys at
+  t >= length are ignored). Returns [B, S, N, D].
   impl 'xla' is the einsum below; anything else is passed to jax.nn.dot_product_attention as
   its `implementation` ('cudnn' for the fused GPU kernel).
   """
   if impl != "xla":
     return jax.nn.dot_product_attention(
-        q, k, v, mask=None if mask is None else mask[:, None],
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 3, 1, 2),
+        mask=None if mask is None else mask[:, None],
         key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
         implementation=impl)
   b, s, n, d = q.shape
-  t, kv_heads = k.shape[1], k.shape[2]
-  q = q.reshape(b, s, kv_heads, n // kv_heads, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * d**-0.5
+  kv_heads, t = k.shape[1], k.shape[2]
+  # The softmax scale on q ([B, S, N, D]) rather than on the scores ([B, N, S, T]).
+  q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, s, kv_heads, n // kv_heads, d)
+  scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
   if kv_lengths is not None:
     valid = jnp.arange(t)[None, :] < kv_lengths[:, None]  # [B, T]
     mask = valid[:, None, :] if mask is None else mask & valid[:, None, :]
@@ -126,7 +145,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     # A finite fill keeps rows without any visible key (padding queries) NaN-free.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  out = jnp.einsum("bkgst,bkdt->bskgd", probs, v)
   return out.reshape(b, s, n, d)
 
 

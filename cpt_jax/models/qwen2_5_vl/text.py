@@ -1,8 +1,9 @@
 """Qwen2 decoder with M-RoPE and a fixed-size KV cache.
 
 Layers: RMSNorm -> GQA attention (bias on q/k/v only) -> residual -> RMSNorm -> SwiGLU -> residual.
-The cache has static shapes: every layer keeps k/v [B, T, K, D] for T = max_len slots, and a
-chunk of S tokens is written at slot `index` with dynamic_update_slice. A query attends to the
+The cache has static shapes: every layer keeps k [B, K, T, D] and v [B, K, D, T] for
+T = max_len slots (the layouts attention's two matmuls read, so a decode step copies no cache),
+and a chunk of S tokens is written at slot `index` with dynamic_update_slice. A query attends to the
 slots that hold real tokens (`mask`) up to its own slot, so prefill, chunked prefill and one-token
 decoding are the same computation.
 """
@@ -25,8 +26,8 @@ class KVCache:
   Writes past `max_len` are clamped by dynamic_update_slice and overwrite the last slots, so
   callers size the cache for prompt + generated tokens.
   """
-  k: tuple[jax.Array, ...]  # per layer [B, T, K, D]
-  v: tuple[jax.Array, ...]  # per layer [B, T, K, D]
+  k: tuple[jax.Array, ...]  # per layer [B, K, T, D]
+  v: tuple[jax.Array, ...]  # per layer [B, K, D, T]
   mask: jax.Array  # [B, T] int32: 1 where a slot holds a real (non-padding) token
   index: jax.Array  # [] int32: next slot to write
   positions: jax.Array  # [B] int32: M-RoPE text position of the next generated token
@@ -38,9 +39,9 @@ class KVCache:
 
 def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   """An empty cache of `max_len` slots (k/v in `dtype`)."""
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros(), v=zeros(),
+  kv, hd = config.num_kv_heads, config.head_dim
+  zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros((batch, kv, max_len, hd)), v=zeros((batch, kv, hd, max_len)),
                  mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
                  positions=jnp.zeros((batch,), jnp.int32))
 
@@ -56,17 +57,35 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear((h, hd), (d,), ("heads", "head_dim", "embed"), bias=False, **kw)
     self.impl = impl
 
+  def qkv(self, x):
+    """q [B, S, H, hd], k and v [B, S, K, hd] from one dot: each KV head's query group, key
+    and value side by side ([D, K, G + 2, hd], G = H / K), the layout tensor parallelism splits."""
+    proj = (self.q_proj, self.k_proj, self.v_proj)
+    d, h, hd = self.q_proj.kernel.shape
+    kv_heads = self.k_proj.kernel.shape[1]
+    group = lambda w, lead: w.reshape(*lead, kv_heads, -1, hd)
+    kernel = jnp.concatenate([group(p.kernel[...], (d,)) for p in proj], axis=2)
+    bias = jnp.concatenate([group(p.bias[...], ()) for p in proj], axis=1)
+    dtype = self.q_proj.dtype
+    x = x.astype(dtype)
+    y = jax.lax.dot_general(x, kernel.astype(dtype), (((2,), (0,)), ((), ())))
+    y = y + bias.astype(dtype)  # [B, S, K, G + 2, hd]
+    g = h // kv_heads
+    b, s = x.shape[:2]
+    return y[:, :, :, :g].reshape(b, s, h, hd), y[:, :, :, g], y[:, :, :, g + 1]
+
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
     """x [B, S, D]; mask [B, S, T]; kv: this layer's cache (k, v) or None (T = S)."""
-    q = rope.rotate(self.q_proj(x), cos, sin)  # [B, S, H, hd]
-    k = rope.rotate(self.k_proj(x), cos, sin)  # [B, S, K, hd]
-    v = self.v_proj(x)
+    q, k, v = self.qkv(x)
+    q = rope.rotate(q, cos, sin)  # [B, S, H, hd]
+    k = rope.rotate(k, cos, sin)  # [B, S, K, hd]
+    k, v = layers.key_layout(k), layers.value_layout(v)
     if kv is not None:
       k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      kv_names = ("batch", "length", "kv_heads", "head_dim")
-      k, v = sharding.constrain(k, kv_names), sharding.constrain(v, kv_names)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, 0, index))
+      k = sharding.constrain(k, ("batch", "kv_heads", "length", "head_dim"))
+      v = sharding.constrain(v, ("batch", "kv_heads", "head_dim", "length"))
       kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = layers.attention(q, k, v, mask=mask, impl=self.impl)

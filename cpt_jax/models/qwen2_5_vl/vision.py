@@ -119,7 +119,8 @@ class VisionAttention(nnx.Module):
     qkv = self.qkv(x)  # [P, 3, H, D]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-    out = layers.attention(q[gather], k[gather], v[gather], kv_lengths=lengths,
+    out = layers.attention(q[gather], layers.key_layout(k[gather]),
+                           layers.value_layout(v[gather]), kv_lengths=lengths,
                            impl=self.impl)  # [N, L, H, D]
     out = out.reshape(-1, *out.shape[2:])[scatter]  # [P, H, D]
     return self.proj(out)

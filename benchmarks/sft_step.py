@@ -10,9 +10,10 @@ calls, then `--repeats` timed calls of `--steps` steps each; the median is repor
 FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
 the matmul weights (every weight of rank >= 2 but the embedding table, which is a lookup;
 the LM head counts; biases and norm scales do not) and the attention term counted over the
-full seq x seq scores that the einsum computes. Utilisation = achieved FLOP/s /
-`--peak_gflops` (default: ~165 GFLOP/s, the float32 FMA peak of the 2-core AVX2 machine
-the peers were measured on).
+full seq x seq scores that the einsum computes. Utilisation = achieved FLOP/s / the matmul
+peak, measured in the same job as the best of XLA's float32 2048^3 and 4096^3 matmuls (and
+PyTorch's, with --peers: the fastest GEMM either library reaches on this machine), unless
+`--peak_gflops` fixes it.
 
 `small_vl` is the multimodal path at equal tokens: the `small` decoder behind a 4-block vision
 tower (hidden 256), each sequence one 224x224 image (256 patches -> 64 image tokens) and text
@@ -39,6 +40,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -62,7 +64,8 @@ _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Steps per timed call (0: 2 for small, else 1).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.")
-_PEAK = flags.DEFINE_float("peak_gflops", 165.0, "Peak float32 GFLOP/s of the machine.")
+_PEAK = flags.DEFINE_float("peak_gflops", 0.0,
+                           "Peak float32 GFLOP/s of the machine (0: measured in this job).")
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the HF and Tunix training benchmarks.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
@@ -146,13 +149,51 @@ def flops_per_token(size: str, params: dict, seq: int) -> float:
   return 6 * matmul + attention
 
 
+TORCH_PEAK = """
+import time, torch
+torch.set_num_threads({threads})
+for n in (2048, 4096):
+  a = torch.randn(n, n)
+  a @ a
+  best = float("inf")
+  for _ in range({repeats}):
+    t0 = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t0)
+  print(n, 2 * n**3 / best / 1e9)
+"""
+
+
+def matmul_peak_gflops(repeats: int = 5) -> dict:
+  """Best float32 GFLOP/s of square matmuls: XLA's, and PyTorch's from the peer venv."""
+  rates = {}
+  for n in (2048, 4096):
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul).lower(a, a).compile()
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      matmul(a, a).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    rates[f"xla_{n}"] = round(2 * n**3 / best / 1e9, 1)
+  if _PEERS.value:
+    code = TORCH_PEAK.format(threads=os.cpu_count(), repeats=repeats)
+    proc = subprocess.run([_PEER_PYTHON.value, "-c", code], capture_output=True, text=True,
+                          check=False)
+    for line in proc.stdout.splitlines():
+      n, rate = line.split()
+      rates[f"torch_{n}"] = round(float(rate), 1)
+  return rates
+
+
 def optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="constant", warmup_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.01, momentum=0.0, grad_clip_norm=None, grad_accum_steps=1, freeze=()))
 
 
-def measure(size: str) -> dict:
+def measure(size: str, peak: float) -> dict:
   multimodal = size in VL_SIZES
   config = vl_model_config(size) if multimodal else model_config(size)
   t0 = time.perf_counter()
@@ -208,7 +249,7 @@ def measure(size: str) -> dict:
       warmup_calls=_WARMUP.value, times_s=[round(t, 4) for t in times], median_s=round(median, 4),
       tokens_per_s=round(tokens / median, 2),
       flops_per_token=flops / tokens, gflops_per_s=round(flops / median / 1e9, 2),
-      peak_gflops=_PEAK.value, fraction_of_peak=round(flops / median / 1e9 / _PEAK.value, 4),
+      peak_gflops=peak, fraction_of_peak=round(flops / median / 1e9 / peak, 4),
       loss_first=first_loss, loss_last=last_loss,
       skipped=int(state.skipped),
       peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -233,14 +274,18 @@ def main(argv):
   unknown = [s for s in _SIZES.value if s not in SIZES and s not in VL_SIZES]
   if unknown:
     raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES) + sorted(VL_SIZES)}")
+  peaks = matmul_peak_gflops()
+  peak = _PEAK.value or max(peaks.values())
+  print(json.dumps({"matmul_gflops": peaks, "peak_gflops": peak}), flush=True)
   results = []
   for size in _SIZES.value:
-    results.append(measure(size))
+    results.append(measure(size, peak))
     text = next((r for r in results if r["size"] == VL_SIZES.get(size)), None)
     if text is not None:
       results[-1]["over_text"] = round(results[-1]["median_s"] / text["median_s"], 3)
     print(json.dumps(results[-1]), flush=True)
-  report = dict(results=results, load_1min_end=os.getloadavg()[0])
+  report = dict(matmul_gflops=peaks, peak_gflops=peak, results=results,
+                load_1min_end=os.getloadavg()[0])
   if _PEERS.value:
     report["peers"], report["ratios"] = {}, {}
     for size in [s for s in _SIZES.value if s in SIZES]:
@@ -251,6 +296,8 @@ def main(argv):
         theirs = result.get("results", {}).get(PEERS[peer][2], {}).get("tokens_per_s")
         if theirs:
           report["ratios"][f"{size}_vs_{peer}"] = round(ours / theirs, 3)
+          flops = next(r for r in results if r["size"] == size)["flops_per_token"]
+          result["fraction_of_peak"] = round(theirs * flops / 1e9 / peak, 4)
     print(json.dumps({"ratios": report["ratios"]}), flush=True)
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=2)

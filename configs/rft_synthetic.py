@@ -44,6 +44,7 @@ def rft_config() -> ml_collections.ConfigDict:
   c.init = dict(workdir="")  # an SFT/RFT workdir: its final weights and tokenizer start RFT
   c.compute_dtype = "float32"
   c.remat_policy = ""
+  c.loss_chunk = 0  # tokens per LM-head + log-prob chunk (0: all at once)
   c.rl = dict(                # cpt_jax.rl.grpo.GRPOConfig; the optimiser is `optim`
       n=8, temperature=1.0, top_p=0.99,
       top_k=0,                # 0: off

@@ -25,8 +25,9 @@ def test_jax_nn_attention_path_matches_einsum_path():
   for kwargs in (dict(mask=mask), dict(kv_lengths=lengths)):  # decoder, vision blocks
     # impl=None is jax.nn.dot_product_attention's XLA path: the same call as 'cudnn' on GPU.
     run = jax.jit(layers.attention, static_argnames="impl")  # one compile, not op by op
-    np.testing.assert_allclose(run(q, k, v, impl=None, **kwargs),
-                               run(q, k, v, impl="xla", **kwargs), atol=1e-5,
+    kt, vt = layers.key_layout(k), layers.value_layout(v)
+    np.testing.assert_allclose(run(q, kt, vt, impl=None, **kwargs),
+                               run(q, kt, vt, impl="xla", **kwargs), atol=1e-5,
                                err_msg=str(list(kwargs)))
 
 

@@ -27,14 +27,19 @@ class ToyLM(nnx.Module):
     self.out = nnx.Param(init(rngs.params(), (DIM, VOCAB)), out_sharding=("mlp", "vocab"))
     self.visual = nnx.Linear(4, DIM, rngs=rngs)
 
-  def __call__(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None,
-               vision_inputs=None):
+  def hidden_states(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None,
+                    vision_inputs=None):
     x = self.embed[...][input_ids]                       # [B, S, D]
     if pixel_values is not None:
       x = x + self.visual(pixel_values).mean(axis=0)
     prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-    h = jnp.tanh(x @ self.w_cur[...] + prev @ self.w_prev[...])
-    return (h @ self.out[...]).astype(jnp.float32)      # [B, S, V]
+    return jnp.tanh(x @ self.w_cur[...] + prev @ self.w_prev[...])
+
+  def head_kernel(self):
+    return self.out[...]
+
+  def __call__(self, input_ids, **kwargs):
+    return (self.hidden_states(input_ids, **kwargs) @ self.out[...]).astype(jnp.float32)
 
 
 def optim_config(**kw):

@@ -40,6 +40,7 @@ def cpt_config() -> ml_collections.ConfigDict:
   c.init = dict(workdir="")     # a run directory (SFT/RFT job or 'cpt') whose final weights start
   c.compute_dtype = "bfloat16"
   c.remat_policy = ""
+  c.loss_chunk = 0  # tokens per LM-head + loss chunk (0: all at once)
   c.num_devices = 0             # 0: all devices
   c.sft = dict(
       batch_size=64,            # chosen (global)

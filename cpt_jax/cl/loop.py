@@ -259,7 +259,7 @@ class Setup:
     model = self.graphdef if self.paretocl is None else (
         self.base_graphdef, "paretocl", self.paretocl.rank, self.paretocl.hyper_hidden)
     return (kind, model, self.model_config, self.mesh, self.rules, self.compute_dtype,
-            self.config.remat_policy, *parts)
+            self.config.remat_policy, self.config.loss_chunk, *parts)
 
   def sources(self, tasks: Sequence[str], split: str) -> list[pipeline_lib.TaskSource]:
     """The splits of `tasks` (opened once per run; training splits cut to data.train_examples)."""
@@ -561,7 +561,7 @@ def train_sft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: i
     abstract_state, state_sh, init = _state_programs(setup, optimizer)
     step_fn = sft.make_train_step(setup.graphdef, optimizer, compute_dtype=setup.compute_dtype,
                                   remat_policy=config.remat_policy or None,
-                                  state_sharding=state_sh)
+                                  state_sharding=state_sh, loss_chunk=config.loss_chunk)
     _PROGRAMS[key] = (abstract_state, init, step_fn)
   abstract_state, init, step_fn = _PROGRAMS[key]
 
@@ -662,7 +662,7 @@ def train_rft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: i
         reference_params=params if cfg.kl_enabled else None, sampler=sampler,
         old_logprobs=r.rl.old_logprobs, compute_dtype=setup.compute_dtype,
         remat_policy=config.remat_policy or None, mesh=setup.mesh, rules=setup.rules,
-        state_sharding=state_sh, pad_id=pad_id)
+        state_sharding=state_sh, pad_id=pad_id, loss_chunk=config.loss_chunk)
     _PROGRAMS[key] = (abstract_state, init, trainer)
   abstract_state, init, trainer = _PROGRAMS[key]
   # The KL anchor is the weights this stage starts from (copied: the state takes `params`).

@@ -102,8 +102,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- steps
   train_step = sft.make_train_step(graphdef, optimizer, compute_dtype=compute_dtype,
                                    remat_policy=config.remat_policy or None,
-                                   state_sharding=state_sh)
-  eval_step = sft.make_eval_step(graphdef, compute_dtype=compute_dtype)
+                                   state_sharding=state_sh, loss_chunk=config.loss_chunk)
+  eval_step = sft.make_eval_step(graphdef, compute_dtype=compute_dtype,
+                                 loss_chunk=config.loss_chunk)
 
   eval_sources = pipeline_lib.open_sources(data_dir, config.data.tasks, config.eval.split,
                                            config.data.kind)

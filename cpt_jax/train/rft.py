@@ -43,7 +43,8 @@ from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.rl import filtering, grpo, rewards, rollout
 from cpt_jax.rl.sampler import Sampler
 from cpt_jax.train import loop as loop_lib
-from cpt_jax.train import optim, sft
+from cpt_jax.train import optim
+from cpt_jax.train.token_logprobs import token_logprobs
 
 PyTree = Any
 OLD_LOGPROBS = ("recompute", "sampler")
@@ -63,7 +64,8 @@ _REPLICATED = {"pixel_values": None, "vision_inputs": None, "image_feature_index
 # ------------------------------------------------------------------ policy forward
 
 
-def response_logprobs(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> jax.Array:
+def response_logprobs(graphdef: nnx.GraphDef, params: PyTree, batch: dict, *,
+                      loss_chunk: int = 0) -> jax.Array:
   """log pi(response token | prefix) [R, N] (float32) for rows of `rollout.training_batch`.
 
   Plain log_softmax of the logits at temperature 1: the sampler's `policy_logprobs`
@@ -85,14 +87,18 @@ def response_logprobs(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> ja
     token = jnp.clip(token, 0, features.shape[0] - 1).reshape(is_image.shape)
     x = jnp.where(is_image[..., None], features[token], x)
   hidden, _ = model.language_model(x, batch["position_ids"], batch["attention_mask"])
-  logits = model.logits(hidden[:, start - 1:-1])  # [R, N, V]: position t predicts token t + 1
-  return sft.target_logprobs(logits, ids[:, start:])
+  # Position t predicts token t + 1; `loss_chunk` tokens through the LM head at a time.
+  logprobs, _ = token_logprobs(hidden[:, start - 1:-1], model.head_kernel(), ids[:, start:],
+                               chunk=loss_chunk)
+  return logprobs
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, *, compute_dtype=None) -> Callable:
+def make_logprob_fn(graphdef: nnx.GraphDef, *, compute_dtype=None,
+                    loss_chunk: int = 0) -> Callable:
   """jit((params, batch) -> response log-probs [R, N]): the no-grad forward of pi_old / pi_ref."""
   def logprobs(params, batch):
-    return response_logprobs(graphdef, optim.cast_floating(params, compute_dtype), batch)
+    return response_logprobs(graphdef, optim.cast_floating(params, compute_dtype), batch,
+                             loss_chunk=loss_chunk)
   return jax.jit(logprobs)
 
 
@@ -109,7 +115,7 @@ def make_rollout_cast(compute_dtype, param_shardings: PyTree | None = None) -> C
 
 def make_grpo_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, cfg: grpo.GRPOConfig, *,
                    compute_dtype=None, remat_policy: str | None = None,
-                   state_sharding: PyTree | None = None) -> Callable:
+                   state_sharding: PyTree | None = None, loss_chunk: int = 0) -> Callable:
   """jit(step)(state, batch) -> (state, metrics); `state` is donated.
 
   batch: `rollout.training_batch` rows plus old_logprobs [R, N], ref_logprobs [R, N] (absent
@@ -120,7 +126,8 @@ def make_grpo_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, cfg: grpo
   update (`optim.apply_gradients_or_skip`).
   """
   def loss_of_params(params, batch):
-    logp = response_logprobs(graphdef, optim.cast_floating(params, compute_dtype), batch)
+    logp = response_logprobs(graphdef, optim.cast_floating(params, compute_dtype), batch,
+                             loss_chunk=loss_chunk)
     loss, metrics = grpo.policy_loss(logp, batch["old_logprobs"], batch.get("ref_logprobs"),
                                      batch["advantages"], batch["response_mask"], cfg)
     return loss * batch["loss_scale"], (loss, metrics)
@@ -153,7 +160,7 @@ class GRPOTrainer:
     reference_params: the frozen reference weights; must be None when cfg's KL term is off.
     sampler: the rollout role (optional: tests may drive updates with hand-made groups).
     old_logprobs: 'recompute' or 'sampler' (module docstring).
-    compute_dtype, remat_policy: as in the SFT step.
+    compute_dtype, remat_policy, loss_chunk: as in the SFT step.
     mesh, rules, state_sharding: run the jitted programs sharded (None: single device).
   """
 
@@ -161,7 +168,7 @@ class GRPOTrainer:
                model_config, *, reference_params: PyTree | None = None,
                sampler: Sampler | None = None, old_logprobs: str = "recompute",
                compute_dtype=None, remat_policy: str | None = None, mesh=None, rules=None,
-               state_sharding: PyTree | None = None, pad_id: int = 0):
+               state_sharding: PyTree | None = None, pad_id: int = 0, loss_chunk: int = 0):
     if old_logprobs not in OLD_LOGPROBS:
       raise ValueError(f"old_logprobs must be one of {OLD_LOGPROBS}, got {old_logprobs!r}")
     if cfg.kl_enabled and reference_params is None:
@@ -180,8 +187,10 @@ class GRPOTrainer:
     self.pad_id = pad_id
     self.micro_batches = optimizer.accum_steps
     self.train_step = make_grpo_step(graphdef, optimizer, cfg, compute_dtype=compute_dtype,
-                                     remat_policy=remat_policy, state_sharding=state_sharding)
-    self.logprob_fn = make_logprob_fn(graphdef, compute_dtype=compute_dtype)
+                                     remat_policy=remat_policy, state_sharding=state_sharding,
+                                     loss_chunk=loss_chunk)
+    self.logprob_fn = make_logprob_fn(graphdef, compute_dtype=compute_dtype,
+                                      loss_chunk=loss_chunk)
     self.rollout_weights = make_rollout_cast(
         compute_dtype, None if state_sharding is None else state_sharding.params)
 
@@ -465,7 +474,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   trainer = GRPOTrainer(graphdef, optimizer, cfg, model_config, reference_params=reference,
                         sampler=sampler, old_logprobs=config.rl.old_logprobs,
                         compute_dtype=compute_dtype, remat_policy=config.remat_policy or None,
-                        mesh=mesh, rules=rules, state_sharding=state_sh, pad_id=pad_id)
+                        mesh=mesh, rules=rules, state_sharding=state_sh, pad_id=pad_id,
+                        loss_chunk=config.loss_chunk)
   trainer.sync_rollout(state.params)
 
   # ---------------------------------------------------------------- evaluation

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from cpt_jax.train import optim
+from cpt_jax.train.token_logprobs import token_logprobs
 
 PyTree = Any
 
@@ -36,11 +37,18 @@ def device_batch(batch: dict) -> dict:
   return out
 
 
-def forward(graphdef: nnx.GraphDef, params: PyTree, batch: dict) -> jax.Array:
-  """logits [B, S, V] of the model `graphdef` with weights `params` on `batch`."""
+def token_nll_and_hit(graphdef: nnx.GraphDef, params: PyTree, batch: dict, *,
+                      loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Next-token NLL and argmax hit at each position t >= 1 ([B, S-1] each) of the model
+  `graphdef` with weights `params` on `batch`, through `token_logprobs` (the LM head and the
+  loss in one step, `loss_chunk` tokens at a time; 0: all at once)."""
   model = nnx.merge(graphdef, nnx.State(params))
   kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-  return model(batch["input_ids"], **kwargs)
+  hidden = model.hidden_states(batch["input_ids"], **kwargs)       # [B, S, D]
+  # Position t predicts token t + 1; the last position wraps around and is dropped.
+  targets = jnp.roll(batch["input_ids"], -1, axis=1)
+  logprob, hit = token_logprobs(hidden, model.head_kernel(), targets, chunk=loss_chunk)
+  return -logprob[:, :-1], hit[:, :-1]
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -53,25 +61,24 @@ def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def token_nll(logits: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Next-token NLL and argmax hit at each position t >= 1 ([B, S-1] each).
+  """`token_nll_and_hit` from given logits [B, S, V] (e.g. of a head other than the model's).
 
   Computed at all S positions (position t predicts token t + 1; the last wraps around and is
   dropped) so that the [B, S, V] logits are never sliced: a slice's gradient pads them.
   """
   targets = jnp.roll(input_ids, -1, axis=1)               # [B, S]
-  nll = -target_logprobs(logits, targets)
-  hit = jnp.argmax(logits, axis=-1) == targets
-  return nll[:, :-1], hit[:, :-1]
+  logprob = target_logprobs(logits, targets)
+  # The target's logit is the largest (argmax's own reduction is slow on XLA:CPU).
+  hit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] >= logits.max(axis=-1)
+  return -logprob[:, :-1], hit[:, :-1]
 
 
-def loss_fn(logits: jax.Array, input_ids: jax.Array,
-            loss_mask: jax.Array) -> tuple[jax.Array, dict]:
-  """Token-mean cross-entropy over the batch's answer tokens.
+def answer_loss(nll: jax.Array, hit: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Token-mean of `nll` [B, S-1] over the batch's answer tokens (loss_mask [B, S]).
 
   Returns (loss, aux) with aux = answer-token count and next-token accuracy.
   A batch without answer tokens has loss 0 (and no gradient).
   """
-  nll, hit = token_nll(logits, input_ids)
   mask = loss_mask[:, 1:].astype(jnp.float32)             # [B, S-1]
   n = mask.sum()
   denom = jnp.maximum(n, 1.0)
@@ -80,9 +87,15 @@ def loss_fn(logits: jax.Array, input_ids: jax.Array,
   return loss, {"answer_tokens": n, "accuracy": accuracy}
 
 
+def loss_fn(logits: jax.Array, input_ids: jax.Array,
+            loss_mask: jax.Array) -> tuple[jax.Array, dict]:
+  """`answer_loss` of given logits [B, S, V]."""
+  return answer_loss(*token_nll(logits, input_ids), loss_mask)
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
                     compute_dtype=None, remat_policy: str | None = None,
-                    state_sharding: PyTree | None = None) -> Callable:
+                    state_sharding: PyTree | None = None, loss_chunk: int = 0) -> Callable:
   """jit(step)(state, batch) -> (state, metrics); `state` is donated.
 
   compute_dtype: dtype of the weights in the forward (e.g. jnp.bfloat16); the
@@ -90,10 +103,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
   remat_policy: a `jax.checkpoint_policies` name applied to the whole forward
     (e.g. 'dots_with_no_batch_dims_saveable'); per-layer remat is the model's.
   state_sharding: the TrainState's shardings, kept for the output state.
+  loss_chunk: tokens per LM-head + loss chunk (`token_logprobs`); 0: all at once.
   """
   def loss_of_params(params, batch):
-    logits = forward(graphdef, optim.cast_floating(params, compute_dtype), batch)
-    return loss_fn(logits, batch["input_ids"], batch["loss_mask"])
+    nll, hit = token_nll_and_hit(graphdef, optim.cast_floating(params, compute_dtype), batch,
+                                 loss_chunk=loss_chunk)
+    return answer_loss(nll, hit, batch["loss_mask"])
 
   loss_of_params = optim.with_remat(loss_of_params, remat_policy)
 
@@ -108,7 +123,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
   return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, compute_dtype=None) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, *, compute_dtype=None, loss_chunk: int = 0) -> Callable:
   """jit(eval)(params, batch) -> per-example teacher-forced answer scores.
 
   Returns nll_sum, answer_tokens, correct_tokens and exact [B] (1 when the
@@ -116,8 +131,8 @@ def make_eval_step(graphdef: nnx.GraphDef, *, compute_dtype=None) -> Callable:
   proxy: the papers' accuracy decodes a full response and extracts the answer.
   """
   def evaluate(params, batch):
-    logits = forward(graphdef, optim.cast_floating(params, compute_dtype), batch)
-    nll, hit = token_nll(logits, batch["input_ids"])
+    nll, hit = token_nll_and_hit(graphdef, optim.cast_floating(params, compute_dtype), batch,
+                                 loss_chunk=loss_chunk)
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)   # [B, S-1]
     n = mask.sum(axis=1)
     correct = (hit * mask).sum(axis=1)

@@ -131,13 +131,14 @@ class Qwen2_5_VL(nnx.Module):
         raise ValueError("inside jit, pass position_ids (from prepare_inputs) with images")
     return x, attention_mask, jnp.asarray(position_ids)
 
+  def head_kernel(self) -> jax.Array:
+    """The LM head [D, V] (the embedding table's transpose when the two are tied)."""
+    return self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
-    if self.lm_head is None:
-      kernel = self.language_model.embed_tokens[...].T
-    else:
-      kernel = self.lm_head[...]
-    return jnp.dot(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    kernel = self.head_kernel().astype(hidden.dtype)
+    return jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
 
   # ---------------------------------------------------------------- full forward
 

@@ -57,3 +57,28 @@ def test_remat_wraps_every_block_and_keeps_gradients():
   got = grad_fn(init_from_config(config.replace(remat="full"), 0))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), expected, got)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected)) > 0
+
+
+def test_causal_blocks_equal_the_full_square_with_gradients():
+  rng = np.random.default_rng(1)
+  s = 50  # 4 blocks of 16 queries: 16, 16, 16, 2
+  q = rng.standard_normal((2, s, 4, 8), dtype=np.float32)
+  k, v = (rng.standard_normal((2, s, 2, 8), dtype=np.float32) for _ in range(2))
+  real = np.ones((2, s), bool)
+  real[1, :5] = False  # left padding
+  mask = np.tril(np.ones((s, s), bool))[None] & real[:, None, :]
+  # Padding queries see no key: their (uniform) rows are meaningless, and get no cotangent.
+  cotangent = rng.standard_normal(q.shape, dtype=np.float32) * real[:, :, None, None]
+
+  def loss(blocks, q, k, v):
+    kt, vt = layers.key_layout(k), layers.value_layout(v)
+    out = layers.causal_attention(q, kt, vt, mask, blocks=blocks)
+    return jnp.sum(out * cotangent), out
+
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
+  (want, full), (got, blocked) = grad(1, q, k, v), grad(4, q, k, v)
+  np.testing.assert_allclose(blocked[real], full[real], atol=1e-5)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda *a: loss(4, *a))(q, k, v))
+  assert jaxpr.count("dot_general") == 8  # 4 blocks x (scores, values): the square is split

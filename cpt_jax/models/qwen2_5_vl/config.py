@@ -79,6 +79,10 @@ class ModelConfig:
   # Rematerialisation of decoder and vision blocks in training: 'none', 'full' (save nothing),
   # 'dots' (save matmul outputs without batch dims).
   remat: str = "none"
+  # Causal attention without a KV cache (training, scoring) in this many query blocks, each
+  # attending to the keys up to its own end: (n + 1) / 2n of the full square's work (1: one
+  # square; blocks beyond S / 16 queries each are not split off). 'xla' only.
+  causal_blocks: int = 8
 
   def replace(self, **kwargs) -> ModelConfig:
     return dataclasses.replace(self, **kwargs)
@@ -126,6 +130,8 @@ class ModelConfig:
         errors.append(f"vision hidden_act {v.hidden_act!r} is not one of {ACTIVATIONS}")
     if self.attention_impl not in ATTENTION_IMPLS:
       errors.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.causal_blocks < 1:
+      errors.append(f"causal_blocks must be >= 1, got {self.causal_blocks}")
     if self.remat not in REMAT_POLICIES:
       errors.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
     if errors:

@@ -75,7 +75,7 @@ class Qwen2_5_VL(nnx.Module):
               remat=config.remat)
     self.visual = (vision.VisionTransformer(config.vision, **kw)
                    if config.vision is not None else None)
-    self.language_model = text.Decoder(config.text, **kw)
+    self.language_model = text.Decoder(config.text, causal_blocks=config.causal_blocks, **kw)
     self.lm_head = (None if config.tie_word_embeddings else
                     layers.param(keys, (config.text.hidden_size, config.text.vocab_size),
                                  ("embed", "vocab"), init="normal", dtype=param_dtype))

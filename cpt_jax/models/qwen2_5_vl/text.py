@@ -48,7 +48,8 @@ def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) 
 
 class Attention(nnx.Module):
 
-  def __init__(self, config: TextConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str):
+  def __init__(self, config: TextConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str,
+               causal_blocks: int):
     d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
     self.q_proj = layers.Linear((d,), (h, hd), ("embed", "heads", "head_dim"), bias=True, **kw)
@@ -56,6 +57,7 @@ class Attention(nnx.Module):
     self.v_proj = layers.Linear((d,), (k, hd), ("embed", "kv_heads", "head_dim"), bias=True, **kw)
     self.o_proj = layers.Linear((h, hd), (d,), ("heads", "head_dim", "embed"), bias=False, **kw)
     self.impl = impl
+    self.causal_blocks = causal_blocks
 
   def qkv(self, x):
     """q [B, S, H, hd], k and v [B, S, K, hd] from one dot: each KV head's query group, key
@@ -88,16 +90,20 @@ class Attention(nnx.Module):
       v = sharding.constrain(v, ("batch", "kv_heads", "head_dim", "length"))
       kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.attention(q, k, v, mask=mask, impl=self.impl)
+    if kv is None:  # the Decoder's causal mask over the S inputs
+      out = layers.causal_attention(q, k, v, mask, blocks=self.causal_blocks, impl=self.impl)
+    else:
+      out = layers.attention(q, k, v, mask=mask, impl=self.impl)
     return self.o_proj(out), kv
 
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, config: TextConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str):
+  def __init__(self, config: TextConfig, *, dtype, param_dtype, keys: layers.Keys, impl: str,
+               causal_blocks: int):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.self_attn = Attention(config, keys=keys, impl=impl, **kw)
+    self.self_attn = Attention(config, keys=keys, impl=impl, causal_blocks=causal_blocks, **kw)
     self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.mlp = layers.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                                bias=False, keys=keys, **kw)
@@ -113,12 +119,14 @@ class Decoder(nnx.Module):
   """Token embedding, decoder layers and final norm (the `model.*` / `language_model.*` part)."""
 
   def __init__(self, config: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               keys: layers.Keys, impl: str = "xla", remat: str = "none"):
+               keys: layers.Keys, impl: str = "xla", remat: str = "none",
+               causal_blocks: int = 1):
     self.config = config
     self.dtype = dtype
     self.embed_tokens = layers.param(keys, (config.vocab_size, config.hidden_size),
                                      ("vocab", "embed"), init="normal", dtype=param_dtype)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys, impl=impl)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys, impl=impl,
+              causal_blocks=causal_blocks)
     self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
     self.norm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
                                param_dtype=param_dtype)

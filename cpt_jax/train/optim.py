@@ -200,15 +200,20 @@ def apply_gradients_or_skip(state: TrainState, grads: PyTree, loss: jax.Array,
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   lr = current_lr(state, optimizer)
-  updates, new_opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
-  # Frozen leaves are passed through untouched (p + 0 would turn -0.0 into +0.0).
-  new_params = jax.tree.map(
-      lambda p, u, t: (p + u).astype(p.dtype) if t else p,
-      state.params, updates, optimizer.trainable)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def update(params, opt_state):
+    updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
+    # Frozen leaves are passed through untouched (p + 0 would turn -0.0 into +0.0).
+    new_params = jax.tree.map(lambda p, u, t: (p + u).astype(p.dtype) if t else p,
+                              params, updates, optimizer.trainable)
+    return new_params, new_opt_state
+
+  # A branch, not a select between old and new: a skipped update costs nothing and a taken
+  # one no extra pass over the weights and moments.
+  params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
+                                   state.opt_state)
   skip = (~finite).astype(jnp.int32)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state), skipped=state.skipped + skip)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            skipped=state.skipped + skip)
   return new_state, {"grad_norm": grad_norm, "lr": lr, "skipped": skip,
                      "skipped_total": new_state.skipped}

@@ -26,8 +26,7 @@ def _forward(hidden, kernel, targets):
   logits = _logits(hidden, kernel)
   top = jnp.max(logits, axis=-1)
   lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
-  one_hot = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
-  picked = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   return picked - lse, picked >= top, lse, logits
 
 

@@ -150,6 +150,18 @@ def copy_task_batch(rng, b=16):
           "loss_mask": np.array([[0, 0, 1]] * b, np.int32)}
 
 
+def test_loss_chunks_give_the_unchunked_step(setup):
+  graphdef, params, opt, step = setup
+  batch = sft.device_batch(make_batch(np.random.default_rng(2)))  # 4 x 8 tokens
+  chunked = sft.make_train_step(graphdef, opt, loss_chunk=5)  # 7 chunks, the last padded
+  want, want_m = step(new_state(params, opt), batch)
+  got, got_m = chunked(new_state(params, opt), batch)
+  np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-6)
+  np.testing.assert_allclose(got_m["grad_norm"], want_m["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_bf16_compute_keeps_float32_master(setup):
   graphdef, params, opt, _ = setup
   step = sft.make_train_step(graphdef, opt, compute_dtype=jnp.bfloat16,

@@ -618,30 +618,16 @@ def train_rft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: i
   # ---------------------------------------------------------------- offline RIF-RFT
   rif_stats: dict[str, Any] = {}
   if rif_mode == filtering.FilterMode.OFFLINE:
-    os.makedirs(stage_dir, exist_ok=True)
-    rif_path = os.path.join(stage_dir, RIF_FILE)
-    if os.path.exists(rif_path):  # a resumed stage keeps the set it chose at its start
-      with open(rif_path) as f:
-        saved = json.load(f)
-      keep_ids, rif_stats = np.asarray(saved["kept_ids"]), saved["stats"]
-    else:
-      # A key stream apart from the iterations' (fold_in(rng, iteration)).
-      key = jax.random.fold_in(setup.stage_rng(stage), 2**31 - 1)
-      keep_ids, rif_stats = rollout.offline_filter(
-          lambda batch: sample(batch, key),
-          prompts(sources, batch_size=cfg.rollout_batch_size, train=False),
-          batch_size=cfg.rollout_batch_size, model_config=setup.model_config,
-          drop_all_wrong=r.rif.drop_all_wrong, drop_all_right=r.rif.drop_all_right)
-      with open(rif_path + ".tmp", "w") as f:
-        json.dump({"kept_ids": keep_ids.tolist(), "stats": rif_stats}, f)
-      os.replace(rif_path + ".tmp", rif_path)
+    # A key stream apart from the iterations' (fold_in(rng, iteration)).
+    key = jax.random.fold_in(setup.stage_rng(stage), 2**31 - 1)
+    sources, rif_stats = rollout.offline_rif_sources(
+        os.path.join(stage_dir, RIF_FILE), sources, lambda: rollout.offline_filter(
+            lambda batch: sample(batch, key),
+            prompts(sources, batch_size=cfg.rollout_batch_size, train=False),
+            batch_size=cfg.rollout_batch_size, model_config=setup.model_config,
+            drop_all_wrong=r.rif.drop_all_wrong, drop_all_right=r.rif.drop_all_right))
     logging.info("offline RIF-RFT kept %d of %d instances", rif_stats["num_kept"],
                  rif_stats["num_instances"])
-    if not len(keep_ids):
-      raise ValueError(f"offline RIF-RFT kept no instance of {list(tasks)}: the model gets every "
-                       "one wrong in all rollouts; train it more before RFT")
-    sources = [pipeline_lib.TaskSource(ts.task, rollout.SubsetSource(ts.source, keep_ids),
-                                       ts.origin) for ts in sources]
 
   num_examples = sum(len(ts.source) for ts in sources)
   num_iterations = r.num_iterations or max(1, math.ceil(epochs * num_examples

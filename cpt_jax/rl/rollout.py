@@ -21,6 +21,10 @@ refills from further batches (`filtering.filter_groups` + `GroupRefill`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -328,3 +332,34 @@ class SubsetSource:
 
   def __getitem__(self, index: int) -> Any:
     return self.source[int(self.indices[index])]
+
+
+def offline_rif_sources(path: str, sources: Sequence[Any],
+                        run_filter: Callable[[], tuple[np.ndarray, dict[str, Any]]]
+                        ) -> tuple[list[Any], dict[str, Any]]:
+  """Offline RIF-RFT of a run (or a continual stage): its training sources cut to the kept
+  instances, and the filter's stats.
+
+  The kept ids are chosen once: `run_filter()` (e.g. `offline_filter` with the current model)
+  runs when `path` does not exist yet, and its result is written there atomically, so that a
+  resumed run trains on the set it chose at its start. `sources` are
+  `data.pipeline.TaskSource`s. Keeping no instance is an error.
+  """
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    keep_ids, stats = np.asarray(saved["kept_ids"]), saved["stats"]
+  else:
+    start = time.perf_counter()
+    keep_ids, stats = run_filter()
+    stats["seconds"] = time.perf_counter() - start
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"kept_ids": np.asarray(keep_ids).tolist(), "stats": stats}, f)
+    os.replace(path + ".tmp", path)
+  tasks = sorted({ts.task for ts in sources})
+  if not len(keep_ids):
+    raise ValueError(f"offline RIF-RFT kept no instance of {tasks}: the model gets every one "
+                     "wrong in all rollouts; train it more (e.g. SFT) before RFT")
+  return [dataclasses.replace(ts, source=SubsetSource(ts.source, keep_ids))
+          for ts in sources], stats

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import time
@@ -426,28 +425,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- offline RIF-RFT
   rif_stats: dict[str, Any] = {}
   if rif_mode == filtering.FilterMode.OFFLINE:
-    rif_path = os.path.join(workdir, RIF_FILE)
-    if os.path.exists(rif_path):  # a resumed run keeps the set it chose at the start
-      with open(rif_path) as f:
-        saved = json.load(f)
-      keep_ids, rif_stats = np.asarray(saved["kept_ids"]), saved["stats"]
-    else:
-      t = time.perf_counter()
-      keep_ids, rif_stats = rollout.offline_filter(
-          lambda batch: sample(batch, sample_key),
-          prompts(train_sources, batch_size=cfg.rollout_batch_size, train=False),
-          batch_size=cfg.rollout_batch_size, model_config=model_config,
-          drop_all_wrong=config.rif.drop_all_wrong, drop_all_right=config.rif.drop_all_right)
-      rif_stats["seconds"] = time.perf_counter() - t
-      with open(rif_path, "w") as f:
-        json.dump({"kept_ids": keep_ids.tolist(), "stats": rif_stats}, f)
+    train_sources, rif_stats = rollout.offline_rif_sources(
+        os.path.join(workdir, RIF_FILE), train_sources, lambda: rollout.offline_filter(
+            lambda batch: sample(batch, sample_key),
+            prompts(train_sources, batch_size=cfg.rollout_batch_size, train=False),
+            batch_size=cfg.rollout_batch_size, model_config=model_config,
+            drop_all_wrong=config.rif.drop_all_wrong, drop_all_right=config.rif.drop_all_right))
     logging.info("offline RIF-RFT kept %d of %d instances (%.3f)", rif_stats["num_kept"],
                  rif_stats["num_instances"], rif_stats["kept_fraction"])
-    if not len(keep_ids):
-      raise ValueError(f"offline RIF-RFT kept no instance of {list(config.data.tasks)}: the "
-                       "model fails every one in all rollouts; train it more (e.g. SFT) first")
-    train_sources = [pipeline_lib.TaskSource(ts.task, rollout.SubsetSource(ts.source, keep_ids),
-                                             ts.origin) for ts in train_sources]
   num_examples = sum(len(ts.source) for ts in train_sources)
   if not num_iterations:
     num_iterations = max(1, math.ceil(config.num_epochs * num_examples / cfg.rollout_batch_size))

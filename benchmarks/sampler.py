@@ -43,12 +43,12 @@ _MULTIMODAL = flags.DEFINE_bool("multimodal", True, "Measure image vs text prefi
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the Tunix and HF peer generate benchmarks.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
-# XLA:CPU hands small-batch dots to YNNPACK by default; on this 2-core AVX2 VM its kernels cost
-# ~20% more CPU time per decode step than XLA's own (Eigen) dot path. Added to XLA_FLAGS for our
-# process only; the peers run with the environment they were given.
+# Extra XLA:CPU flags for our process only (the peers run with the environment they were given).
+# Default: none, what a user gets. On an AVX2 VM, '--xla_cpu_experimental_ynn_fusion_type=' (dots
+# on XLA's Eigen path instead of YNNPACK) cost ~20% less CPU per decode step; on the AVX-512
+# machine of benchmarks/results/ the two were within noise of each other.
 _XLA_CPU_FLAGS = flags.DEFINE_string(
-    "xla_cpu_flags", "--xla_cpu_experimental_ynn_fusion_type=",
-    "Appended to XLA_FLAGS before the backend starts ('' for XLA's defaults).")
+    "xla_cpu_flags", "", "Appended to XLA_FLAGS before the backend starts.")
 
 # The peers' shapes (../shared/peers/_common.py SIZES): q/k/v bias, RMSNorm eps 1e-6, untied.
 SIZES = {

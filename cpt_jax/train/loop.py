@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from cpt_jax import checkpoint as checkpoint_lib
 from cpt_jax import models
 from cpt_jax.models.qwen2_5_vl import params as qwen_params
+from cpt_jax.models.qwen2_5_vl import vision
 from cpt_jax import sharding
 from cpt_jax import writer as writer_lib
 from cpt_jax.data import pipeline as pipeline_lib
@@ -216,7 +217,16 @@ def parse_dtype(name: str):
 
 
 def _device_batch(batch: dict, mesh, rules) -> dict:
-  return sharding.shard_batch(sft.device_batch(batch), mesh, rules=rules)
+  batch = sft.device_batch(batch)
+  if jax.process_count() > 1 and "vision_inputs" in batch:
+    # Each process indexed its own patches from 0; in the global batch they follow those of
+    # the processes before it.
+    inputs = batch["vision_inputs"]
+    sizes = multihost_utils.process_allgather(np.asarray(vision.vision_slots(inputs)))
+    before = sizes[:jax.process_index()].sum(axis=0)
+    batch["vision_inputs"] = vision.shift_vision_inputs(
+        inputs, patches=before[0], window_slots=before[1], full_slots=before[2])
+  return sharding.shard_batch(batch, mesh, rules=rules)
 
 
 def split_params(model) -> tuple[nnx.GraphDef, dict]:

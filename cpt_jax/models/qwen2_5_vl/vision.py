@@ -100,6 +100,25 @@ def prepare_vision_inputs(image_grid_thw, config: VisionConfig) -> dict[str, np.
   return out
 
 
+def shift_vision_inputs(inputs: dict[str, np.ndarray], *, patches: int, window_slots: int,
+                        full_slots: int) -> dict[str, np.ndarray]:
+  """`prepare_vision_inputs` of images that follow others in a concatenated batch (a process's
+  images after those of the processes before it): gather tables index patches, so they move by
+  the `patches` before; scatters index block slots (blocks x block length), so they move by the
+  `window_slots` / `full_slots` before. Concatenating the shifted inputs of all parts along
+  their first dims gives the inputs of the whole batch (for parts of equal block lengths)."""
+  out = dict(inputs)
+  for name, slots in (("window", window_slots), ("full", full_slots)):
+    out[f"{name}_gather"] = inputs[f"{name}_gather"] + np.int32(patches)
+    out[f"{name}_scatter"] = inputs[f"{name}_scatter"] + np.int32(slots)
+  return out
+
+
+def vision_slots(inputs: dict[str, np.ndarray]) -> tuple[int, int, int]:
+  """(patches, window block slots, full block slots) that `inputs` span."""
+  return (len(inputs["rotary_ids"]), inputs["window_gather"].size, inputs["full_gather"].size)
+
+
 # ------------------------------------------------------------------ modules
 
 class VisionAttention(nnx.Module):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cpt_jax
 from cpt_jax.models import ModelConfig, TextConfig, VisionConfig, init_from_config
 from cpt_jax.rl.sampler import Sampler
 
@@ -231,7 +232,9 @@ def run_peer(script: str, size: str, env: dict) -> dict:
 
 def main(argv) -> None:
   del argv
-  peer_env = dict(os.environ)
+  # The peers run without the XLA flags cpt_jax sets for itself.
+  peer_env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
+      cpt_jax.XLA_CPU_FLAGS, "").strip()}
   # XLA reads XLA_FLAGS when the CPU backend starts, at the first computation below.
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in (os.environ.get("XLA_FLAGS", ""), _XLA_CPU_FLAGS.value) if f)

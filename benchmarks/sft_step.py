@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+import cpt_jax
 from cpt_jax import models
 from cpt_jax.train import optim, sft
 
@@ -262,7 +263,10 @@ def run_peer(peer: str, size: str) -> dict:
   command = [_PEER_PYTHON.value, os.path.join(_PEER_DIR.value, script), "--size", size,
              "--workload", workload]
   load = os.getloadavg()[0]
-  proc = subprocess.run(command, capture_output=True, text=True, check=False)
+  # The peers run without the XLA flags cpt_jax sets for itself.
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
+      cpt_jax.XLA_CPU_FLAGS, "").strip()}
+  proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode or not lines:
     return dict(command=" ".join(command), error=proc.stderr[-2000:])

@@ -45,9 +45,8 @@ _PEERS = flags.DEFINE_bool("peers", False, "Also run the Tunix and HF peer gener
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
 # Extra XLA:CPU flags for our process only (the peers run with the environment they were given).
-# Default: none, what a user gets. On an AVX2 VM, '--xla_cpu_experimental_ynn_fusion_type=' (dots
-# on XLA's Eigen path instead of YNNPACK) cost ~20% less CPU per decode step; on the AVX-512
-# machine of benchmarks/results/ the two were within noise of each other.
+# Default: none, what a user gets (training programs' dots on Eigen, the Sampler's on YNNPACK
+# through its per-program compiler options: cpt_jax.rl.sampler.default_compiler_options).
 _XLA_CPU_FLAGS = flags.DEFINE_string(
     "xla_cpu_flags", "", "Appended to XLA_FLAGS before the backend starts.")
 

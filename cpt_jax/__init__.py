@@ -9,6 +9,12 @@ XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
 if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()
 
+# Per-program XLA:CPU options (jax.jit's compiler_options) that put dots back on YNNPACK, with
+# its reduction and convolution fusions: faster for the sampler's few-row matmuls, which stream
+# the weights (100m decode +10%; see cpt_jax.rl.sampler.default_compiler_options).
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+            "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+
 import flax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Parameters carry logical axis names; they are placed on a mesh explicitly by

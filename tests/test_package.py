@@ -1,4 +1,5 @@
-"""Importing cpt_jax: the XLA:CPU flag it sets, and that a user's own setting wins."""
+"""Importing cpt_jax: the XLA:CPU flag it sets, the sampler's per-program options, and that a
+user's own setting wins over both."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,12 @@ import cpt_jax
 SHOW = ("import os, jax, jax.numpy as jnp, cpt_jax\n"
         "print(os.environ['XLA_FLAGS'])\n"
         "hlo = jax.jit(lambda a: a @ a).lower(jnp.ones((64, 64))).compile().as_text()\n"
-        "print('__ynn_fusion' in hlo)\n")
+        "print('__ynn_fusion' in hlo)\n"
+        "from cpt_jax.rl import sampler\n"
+        "options = sampler.default_compiler_options('cpu')\n"
+        "hlo = jax.jit(lambda a: a @ a, compiler_options=options).lower(jnp.ones((64, 64)))\n"
+        "print(options == cpt_jax.YNN_DOTS, '__ynn_fusion' in hlo.compile().as_text(),\n"
+        "      sampler.default_compiler_options('gpu'))\n")
 
 
 def run(xla_flags: str | None) -> list[str]:
@@ -19,12 +25,16 @@ def run(xla_flags: str | None) -> list[str]:
     env["XLA_FLAGS"] = xla_flags
   out = subprocess.run([sys.executable, "-c", SHOW], env=env, capture_output=True, text=True,
                        check=True)
-  return out.stdout.split("\n")[:2]
+  return out.stdout.split("\n")[:3]
 
 
-def test_matmuls_leave_ynnpack_unless_the_user_says_otherwise():
-  assert run(None) == [cpt_jax.XLA_CPU_FLAGS, "False"]
+def test_xla_cpu_dot_library_unless_the_user_says_otherwise():
+  # Training programs: dots on Eigen; the sampler's: on YNNPACK; nothing set on other platforms.
+  assert run(None) == [cpt_jax.XLA_CPU_FLAGS, "False", "True True {}"]
   assert run("--xla_backend_optimization_level=0") == [
-      f"--xla_backend_optimization_level=0 {cpt_jax.XLA_CPU_FLAGS}", "False"]
+      f"--xla_backend_optimization_level=0 {cpt_jax.XLA_CPU_FLAGS}", "False", "True True {}"]
+  # The user's choice, untouched, everywhere: YNNPACK takes the dot, the sampler adds nothing.
   own = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-  assert run(own) == [own, "True"]  # the user's choice, untouched: YNNPACK takes the dot
+  assert run(own) == [own, "True", "False True {}"]
+  off = "--xla_cpu_experimental_ynn_fusion_type="
+  assert run(off) == [off, "False", "False False {}"]

@@ -11,6 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
+import cpt_jax
 import hf_fixtures
 from cpt_jax import sharding
 from cpt_jax.models import load_pretrained, prepare_inputs
@@ -116,6 +117,8 @@ def test_buckets_and_new_weights_reuse_compiled_programs(model, sampler, prompt,
     sampler.update_weights(model)
   assert (flipped.tokens != greedy.tokens).any()
   assert sampler.compiled_programs() == programs
+  # Compiled with the CPU options (dots on YNNPACK), which these HF-equal tokens ran under.
+  assert sampler.compiler_options == cpt_jax.YNN_DOTS
 
 
 def test_seeded_sampling_is_reproducible(sampler, prompt):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+import cpt_jax
 from cpt_jax import sharding
 from cpt_jax.models.qwen2_5_vl.model import prepare_inputs
 from cpt_jax.models.qwen2_5_vl.text import KVCache
@@ -195,6 +197,17 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   return tokens, logprobs, policy_logprobs
 
 
+def default_compiler_options(platform: str) -> dict[str, Any]:
+  """XLA options of the sampler's programs on `platform`: on CPU, `cpt_jax.YNN_DOTS` (the
+  process default puts dots on Eigen, best for training steps; for decode steps, whose matmuls
+  have one row per sequence, YNNPACK's dots were faster: 100m 119 vs 106-111 tokens/s in one
+  process, small within noise), unless XLA_FLAGS sets a ynn_fusion_type. Elsewhere none."""
+  if platform != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "").replace(
+      cpt_jax.XLA_CPU_FLAGS, ""):
+    return {}
+  return dict(cpt_jax.YNN_DOTS)
+
+
 def _repeat_cache(cache: KVCache, n: int) -> KVCache:
   """Each row's cache n times in a row along the batch ([B, ...] -> [B * n, ...])."""
   rep = lambda x: jnp.repeat(x, n, axis=0)
@@ -217,12 +230,15 @@ class Sampler:
       unscorable (the trainer's forward would try to place image features there).
     mesh, rules: with a sharded model (cpt_jax.sharding), the mesh and logical rules to run
       under; prompts are split along the batch like `shard_batch`.
+    compiler_options: XLA options of the prefill and decode programs (`jax.jit`'s); default
+      `default_compiler_options` of the model's platform, `{}` for none.
   """
 
   def __init__(self, model: nnx.Module, *, max_new_tokens: int, eos_ids: Sequence[int],
                pad_id: int, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                suppress_ids: Sequence[int] | None = None,
-               mesh: jax.sharding.Mesh | None = None, rules: sharding.RulesLike = None):
+               mesh: jax.sharding.Mesh | None = None, rules: sharding.RulesLike = None,
+               compiler_options: dict[str, Any] | None = None):
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     buckets = sorted({int(b) for b in prompt_buckets})
@@ -247,10 +263,16 @@ class Sampler:
     self.rules = rules
     self.cache_dtype = model.language_model.dtype  # the compute dtype of k and v
     self._graphdef, self._params = nnx.split(model)
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_samples", "mode"))
+    if compiler_options is None:
+      platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+      compiler_options = default_compiler_options(platform)
+    self.compiler_options = compiler_options
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_samples", "mode"),
+                            compiler_options=compiler_options)
     # The state (KV cache and output buffers) is donated: each call consumes the previous
     # state, so XLA updates the cache in place instead of holding two copies of it.
-    self._decode = jax.jit(self._decode_fn, static_argnames=("mode",), donate_argnames=("state",))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("mode",), donate_argnames=("state",),
+                           compiler_options=compiler_options)
 
   def update_weights(self, model_or_state: nnx.Module | nnx.State) -> None:
     """Samples from new weights (same structure and shapes: nothing recompiles)."""

@@ -2,9 +2,9 @@
 import os
 
 # XLA:CPU runs matmuls on Eigen rather than YNNPACK (YNNPACK's other fusions stay): on the
-# 2-core AVX-512 machine of benchmarks/results/ the 100m SFT step is 10-15% faster and
-# sampling no slower. Read when the CPU backend starts (other backends ignore it); a
-# ynn_fusion_type of the user's own in XLA_FLAGS wins.
+# 2-core AVX-512 machine of benchmarks/results/ the 100m SFT step is 10-15% faster (the
+# sampler's programs put dots back on YNNPACK: YNN_DOTS). Read when the CPU backend starts
+# (other backends ignore it); a ynn_fusion_type of the user's own in XLA_FLAGS wins.
 XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
 if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()

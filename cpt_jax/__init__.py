@@ -6,7 +6,8 @@ import os
 # sampler's programs put dots back on YNNPACK: YNN_DOTS). Read when the CPU backend starts
 # (other backends ignore it); a ynn_fusion_type of the user's own in XLA_FLAGS wins.
 XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+USER_CHOSE_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
+if not USER_CHOSE_YNN_FUSIONS:
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()
 
 # Per-program XLA:CPU options (jax.jit's compiler_options) that put dots back on YNNPACK, with

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -201,9 +200,8 @@ def default_compiler_options(platform: str) -> dict[str, Any]:
   """XLA options of the sampler's programs on `platform`: on CPU, `cpt_jax.YNN_DOTS` (the
   process default puts dots on Eigen, best for training steps; for decode steps, whose matmuls
   have one row per sequence, YNNPACK's dots were faster: 100m 119 vs 106-111 tokens/s in one
-  process, small within noise), unless XLA_FLAGS sets a ynn_fusion_type. Elsewhere none."""
-  if platform != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "").replace(
-      cpt_jax.XLA_CPU_FLAGS, ""):
+  process, small within noise), unless the user's XLA_FLAGS set a ynn_fusion_type. Elsewhere none."""
+  if platform != "cpu" or cpt_jax.USER_CHOSE_YNN_FUSIONS:
     return {}
   return dict(cpt_jax.YNN_DOTS)
 

@@ -5,6 +5,7 @@ runs in `dtype`; normalisation statistics, rotary angles and softmax run in floa
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -81,8 +82,58 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
+def _exact_gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": _exact_gelu}
+
+
 def activation(name: str):
-  return {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
+  return ACTIVATIONS[name]
+
+
+def _gate_up(x, w_gate_up, b_gate_up):
+  y = jax.lax.dot_general(x, w_gate_up, (((1,), (0,)), ((), ())))  # [N, 2, F]
+  return y if b_gate_up is None else y + b_gate_up
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_mlp(act, x, w_gate_up, b_gate_up, w_down, b_down):
+  """down(act(gate(x)) * up(x)) of x [N, D], gate and up as one dot: w_gate_up [D, 2, F]
+  (gate, up), b_gate_up [2, F] or None, w_down [F, D], b_down [D] or None.
+
+  The backward is written out: the gate and up cotangents are stacked into one [N, 2, F] array
+  (autodiff of the two slices adds two zero-padded copies, which XLA:CPU then also transposes
+  for the weight gradient) and the weight gradients are x^T . dy (SFT step: small +8%, 100m +6%
+  in one process).
+  """
+  return _gated_mlp_fwd(act, x, w_gate_up, b_gate_up, w_down, b_down)[0]
+
+
+def _gated_mlp_fwd(act, x, w_gate_up, b_gate_up, w_down, b_down):
+  y = _gate_up(x, w_gate_up, b_gate_up)
+  gate, up = y[:, 0], y[:, 1]
+  out = jax.lax.dot_general(act(gate) * up, w_down, (((1,), (0,)), ((), ())))
+  if b_down is not None:
+    out = out + b_down
+  return out, (x, w_gate_up, b_gate_up, w_down, b_down, gate, up)
+
+
+def _gated_mlp_bwd(act, residuals, d_out):
+  x, w_gate_up, b_gate_up, w_down, b_down, gate, up = residuals
+  act_gate, act_vjp = jax.vjp(act, gate)
+  d_h = jax.lax.dot_general(d_out, w_down, (((1,), (1,)), ((), ())))  # [N, F]
+  d_w_down = jax.lax.dot_general(act_gate * up, d_out, (((0,), (0,)), ((), ())))  # [F, D]
+  (d_gate,) = act_vjp(d_h * up)
+  d_y = jnp.stack([d_gate, d_h * act_gate], axis=1)  # [N, 2, F]
+  d_w_gate_up = jax.lax.dot_general(x, d_y, (((0,), (0,)), ((), ())))  # [D, 2, F]
+  d_x = jax.lax.dot_general(d_y, w_gate_up, (((1, 2), (1, 2)), ((), ())))  # [N, D]
+  bias_grad = lambda b, d: None if b is None else jnp.sum(d, 0, dtype=jnp.float32).astype(b.dtype)
+  return d_x, d_w_gate_up, bias_grad(b_gate_up, d_y), d_w_down, bias_grad(b_down, d_out)
+
+
+gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 
 
 class GatedMLP(nnx.Module):
@@ -97,13 +148,16 @@ class GatedMLP(nnx.Module):
     self.act = act
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    # gate and up as one dot: [..., D] x [D, 2, F] -> [..., 2, F].
+    dtype = self.down_proj.dtype
     kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
-    x = x.astype(self.down_proj.dtype)
-    y = jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    b_gate_up = b_down = None
     if self.gate_proj.bias is not None:
-      y = y + jnp.stack([self.gate_proj.bias[...], self.up_proj.bias[...]]).astype(y.dtype)
-    return self.down_proj(activation(self.act)(y[..., 0, :]) * y[..., 1, :])
+      b_gate_up = jnp.stack([self.gate_proj.bias[...], self.up_proj.bias[...]]).astype(dtype)
+      b_down = self.down_proj.bias[...].astype(dtype)
+    out = gated_mlp(activation(self.act), x.reshape(-1, x.shape[-1]).astype(dtype),
+                    kernel.astype(dtype), b_gate_up, self.down_proj.kernel[...].astype(dtype),
+                    b_down)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def key_layout(k: jax.Array) -> jax.Array:

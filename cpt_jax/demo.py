@@ -251,7 +251,7 @@ def demo_markdown(base: Mapping[str, Any], summaries: Mapping[str, RunSummary],
   lines = ["# Demo: continual SFT vs continual RFT (synthetic seven tasks, CPU)", ""]
   lines += [setup_text(summaries), ""]
   lines += report_lib.markdown_table(header, body) + [""]
-  lines += [f"Base model (multitask SFT) accuracy per task: " + ", ".join(
+  lines += ["Base model (multitask SFT) accuracy per task: " + ", ".join(
       f"{t} {_fmt(v)}" for t, v in base["final"].items()) + ".", ""]
   lines += ["gain: mean over tasks of the accuracy right after training a task minus its "
             "accuracy before any continual training (how much was learnt).", ""]

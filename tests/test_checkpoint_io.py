@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 import hf_fixtures
 from cpt_jax import checkpoint as checkpoint_lib
 from cpt_jax import sharding
-from cpt_jax.models import ModelConfig, load_pretrained, prepare_inputs, save_pretrained
+from cpt_jax.models import load_pretrained, prepare_inputs, save_pretrained
 from cpt_jax.models import convert
 from cpt_jax.models.qwen2_5_vl import params as params_lib
 from cpt_jax.train import optim

@@ -93,11 +93,6 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
-def _gate_up(x, w_gate_up, b_gate_up):
-  y = jax.lax.dot_general(x, w_gate_up, (((1,), (0,)), ((), ())))  # [N, 2, F]
-  return y if b_gate_up is None else y + b_gate_up
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def gated_mlp(act, x, w_gate_up, b_gate_up, w_down, b_down):
   """down(act(gate(x)) * up(x)) of x [N, D], gate and up as one dot: w_gate_up [D, 2, F]
@@ -112,7 +107,9 @@ def gated_mlp(act, x, w_gate_up, b_gate_up, w_down, b_down):
 
 
 def _gated_mlp_fwd(act, x, w_gate_up, b_gate_up, w_down, b_down):
-  y = _gate_up(x, w_gate_up, b_gate_up)
+  y = jax.lax.dot_general(x, w_gate_up, (((1,), (0,)), ((), ())))  # [N, 2, F]
+  if b_gate_up is not None:
+    y = y + b_gate_up
   gate, up = y[:, 0], y[:, 1]
   out = jax.lax.dot_general(act(gate) * up, w_down, (((1,), (0,)), ((), ())))
   if b_down is not None:

@@ -73,3 +73,40 @@ def test_module_reads_gate_up_and_down_kernels(bias):
   np.testing.assert_allclose(grads.gate_proj.kernel[...],
                              jax.grad(lambda g: jnp.sum(plain(g) ** 2))(gate),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_linear_stored_out_in_computes_the_same_with_permuted_names():
+  # Two input axes (o_proj) and two output axes (a q/k/v projection), with a bias.
+  keys = layers.Keys(jax.random.key(0))
+  kw = dict(bias=True, dtype=jnp.float32, param_dtype=jnp.float32, keys=keys)
+  parent = nnx.List([layers.Linear((3, 4), (5,), ("heads", "head_dim", "embed"), **kw),
+                     layers.Linear((5,), (3, 4), ("embed", "heads", "head_dim"), **kw)])
+  for lin in parent:
+    lin.bias[...] = jax.random.normal(keys(), lin.bias.shape)
+  x2, x1 = jax.random.normal(keys(), (2, 6, 3, 4)), jax.random.normal(keys(), (2, 6, 5))
+  before = [parent[0](x2), parent[1](x1)]
+  np.testing.assert_allclose(before[0], jnp.einsum("bshd,hde->bse", x2, parent[0].kernel[...])
+                             + parent[0].bias[...], rtol=1e-5, atol=1e-6)
+  layers.store_kernels_out_in(parent)
+  assert [lin.out_in for lin in parent] == [True, True]
+  assert parent[0].kernel.shape == (5, 3, 4) and parent[1].kernel.shape == (3, 4, 5)
+  assert parent[0].kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+  assert parent[1].kernel.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
+  np.testing.assert_allclose(parent[0](x2), before[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(parent[1](x1), before[1], rtol=1e-5, atol=1e-6)
+  layers.store_kernels_out_in(parent)  # already [out, in]: unchanged
+  assert parent[0].kernel.shape == (5, 3, 4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_stored_out_in_computes_the_same(bias):
+  mlp = layers.GatedMLP(D, F, "gelu", bias=bias, dtype=jnp.float32, param_dtype=jnp.float32,
+                        keys=layers.Keys(jax.random.key(0)))
+  if bias:
+    for i, p in enumerate((mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+      p.bias[...] = jax.random.normal(jax.random.key(i + 1), p.bias.shape)
+  x = jax.random.normal(jax.random.key(9), (2, 5, D))
+  before = mlp(x)
+  layers.store_kernels_out_in(mlp)
+  assert mlp.gate_proj.kernel.shape == (F, D)
+  np.testing.assert_allclose(mlp(x), before, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,8 @@ import torch
 from flax import nnx
 
 import hf_fixtures
-from cpt_jax.models import ModelConfig, Qwen2_5_VL, init_from_config, load_hf_state, load_pretrained
+from cpt_jax.models import (ModelConfig, Qwen2_5_VL, init_from_config, load_hf_state,
+                            load_pretrained, save_pretrained)
 from cpt_jax.models.qwen2_5_vl import params
 
 
@@ -135,3 +136,9 @@ def test_missing_checkpoint_files(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(ModelConfig.tiny().to_hf_dict()))
   with pytest.raises(FileNotFoundError, match="no model.safetensors"):
     load_pretrained(tmp_path)
+
+
+def test_saving_a_decoding_copy_is_an_error(loaded, tmp_path):
+  with pytest.raises(ValueError, match=r"kernels stored \[out, in\]"):
+    save_pretrained(loaded.with_kernels_out_in(), tmp_path / "copy")
+  assert not (tmp_path / "copy").exists()

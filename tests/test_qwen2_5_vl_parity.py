@@ -76,12 +76,30 @@ def test_padded_batch_of_two(window_ckpt, window_model):
   _check_parity(window_ckpt, window_model, rows, grids=grids, side="left")
 
 
+def test_kernels_stored_out_in_compute_the_same_logits(window_ckpt, window_model):
+  """The decoding copy of cpt_jax.rl.sampler (every Linear kernel [out, in], LM head [V, D]),
+  vision tower included, against HF; the original model keeps its layout."""
+  copy = window_model.with_kernels_out_in()
+  q_proj = window_model.language_model.layers[0].self_attn.q_proj
+  d, h, hd = q_proj.kernel.shape
+  assert copy.language_model.layers[0].self_attn.q_proj.kernel.shape == (h, hd, d)
+  assert copy.visual.blocks[0].attn.qkv.kernel.shape[-1] == copy.config.vision.hidden_size
+  assert copy.lm_head.shape == window_model.lm_head.shape[::-1]
+  assert not window_model.out_in and not q_proj.out_in
+  np.testing.assert_array_equal(copy.head_kernel(), window_model.head_kernel())
+  grids = [(1, 4, 8), (1, 8, 4)]
+  rows = [hf_fixtures.prompt_ids(window_ckpt, [grids[0], "What color?"]),
+          hf_fixtures.prompt_ids(window_ckpt, ["How many red spheres?", grids[1]])]
+  _check_parity(window_ckpt, copy, rows, grids=grids, side="left")
+
+
 def test_several_full_attention_blocks_and_tied_head(fullatt_ckpt):
   model = load_pretrained(fullatt_ckpt.path)
   assert model.config.tie_word_embeddings and model.lm_head is None
   grids = [(1, 6, 10), (1, 4, 4)]
   ids = hf_fixtures.prompt_ids(fullatt_ckpt, [grids[0], "and", grids[1], "What color?"])
   _check_parity(fullatt_ckpt, model, [ids], grids=grids)
+  _check_parity(fullatt_ckpt, model.with_kernels_out_in(), [ids], grids=grids)  # head = embed
 
 
 def test_text_only_qwen2_checkpoint(tmp_path_factory):

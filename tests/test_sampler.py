@@ -15,7 +15,7 @@ import cpt_jax
 import hf_fixtures
 from cpt_jax import sharding
 from cpt_jax.models import load_pretrained, prepare_inputs
-from cpt_jax.rl.sampler import Sampler
+from cpt_jax.rl.sampler import OUT_IN_MIN_BYTES, Sampler, default_weight_layout
 
 NEW_TOKENS = 12
 GRIDS = [(1, 4, 8), (1, 8, 4)]
@@ -251,12 +251,45 @@ def test_eos_stops_rows_independently(model, sampler, prompt, special, greedy):
   np.testing.assert_array_equal(greedy.lengths, NEW_TOKENS)
 
 
-def test_sharded_greedy_equals_single_device(ckpt, prompt, special, greedy):
+def test_kernels_out_in_decode_the_same(model, sampler, prompt, special, greedy):
+  """weight_layout='out_in' (the CPU default for large models) decodes from a transposed copy:
+  the same tokens and log-probs, and update_weights re-lays out new weights."""
+  assert sampler.weight_layout == "in_out"  # 'auto' on this tiny model
+  out_in = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
+                   eos_ids=(special["eos"],), pad_id=special["pad"], weight_layout="out_in")
+  d, h, hd = model.language_model.layers[0].self_attn.q_proj.kernel.shape
+  assert out_in._params["language_model"]["layers"][0]["self_attn"]["q_proj"][
+      "kernel"].shape == (h, hd, d)
+  np.testing.assert_array_equal(run(out_in, prompt, temperature=0.0).tokens, greedy.tokens)
+  ours, theirs = run(out_in, prompt, key=3, **SAMPLING), run(sampler, prompt, key=3, **SAMPLING)
+  np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+  np.testing.assert_allclose(ours.policy_logprobs, theirs.policy_logprobs, atol=1e-5)
+  negated = nnx.clone(model)
+  negated.lm_head.set_value(-model.lm_head[...])
+  out_in.update_weights(negated)
+  flipped = run(out_in, prompt, temperature=0.0)
+  assert (flipped.tokens != greedy.tokens).any()
+  out_in.update_weights(nnx.state(model))  # a state, as the RFT trainer passes
+  np.testing.assert_array_equal(run(out_in, prompt, temperature=0.0).tokens, greedy.tokens)
+  assert model.language_model.layers[0].self_attn.q_proj.kernel.shape == (d, h, hd)
+
+
+def test_default_weight_layout():
+  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES + 1) == "out_in"
+  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES) == "in_out"
+  assert default_weight_layout("tpu", 10 * OUT_IN_MIN_BYTES) == "in_out"
+  assert default_weight_layout("gpu", 10 * OUT_IN_MIN_BYTES) == "in_out"
+
+
+@pytest.mark.parametrize("weight_layout", ["in_out", "out_in"])
+def test_sharded_greedy_equals_single_device(ckpt, prompt, special, greedy, weight_layout):
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
   model = sharding.shard_model(load_pretrained(ckpt.path), mesh)
   assert len(model.lm_head[...].sharding.device_set) == 8
   sampler = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
-                    eos_ids=(special["eos"],), pad_id=special["pad"], mesh=mesh)
+                    eos_ids=(special["eos"],), pad_id=special["pad"], mesh=mesh,
+                    weight_layout=weight_layout)
+  assert len(sampler._params["lm_head"][...].sharding.device_set) == 8
   out = run(sampler, prompt, temperature=0.0)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
 
@@ -273,3 +306,5 @@ def test_bad_inputs_are_reported(model, sampler, prompt):
     sampler(prompt["ids"], prompt["mask"], key=key, top_p=0.0)
   with pytest.raises(ValueError, match="eos_ids"):
     Sampler(model, max_new_tokens=4, eos_ids=(10**6,), pad_id=0)
+  with pytest.raises(ValueError, match="weight_layout must be"):
+    Sampler(model, max_new_tokens=4, eos_ids=(), pad_id=0, weight_layout="transposed")

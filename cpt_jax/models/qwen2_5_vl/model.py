@@ -79,6 +79,7 @@ class Qwen2_5_VL(nnx.Module):
     self.lm_head = (None if config.tie_word_embeddings else
                     layers.param(keys, (config.text.hidden_size, config.text.vocab_size),
                                  ("embed", "vocab"), init="normal", dtype=param_dtype))
+    self.out_in = False  # kernels stored [out, in]: with_kernels_out_in
 
   # ---------------------------------------------------------------- pieces
 
@@ -133,12 +134,30 @@ class Qwen2_5_VL(nnx.Module):
 
   def head_kernel(self) -> jax.Array:
     """The LM head [D, V] (the embedding table's transpose when the two are tied)."""
-    return self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+    if self.lm_head is None:
+      return self.language_model.embed_tokens[...].T
+    return self.lm_head[...].T if self.out_in else self.lm_head[...]
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
+    if self.out_in:
+      kernel = self.language_model.embed_tokens if self.lm_head is None else self.lm_head
+      return layers.dot_out_in(hidden, kernel[...].astype(hidden.dtype),
+                               preferred_element_type=jnp.float32)
     kernel = self.head_kernel().astype(hidden.dtype)
     return jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+
+  def with_kernels_out_in(self) -> Qwen2_5_VL:
+    """A copy computing the same function with every dense kernel stored [out, in] and the LM
+    head [V, D] (`layers.store_kernels_out_in`); this model is untouched and the arrays not
+    transposed are shared. For decoding on CPU (cpt_jax.rl.sampler); not for training."""
+    copy = nnx.merge(*nnx.split(self))
+    if not copy.out_in:
+      layers.store_kernels_out_in(copy)
+      if copy.lm_head is not None:
+        copy.lm_head = copy.lm_head.replace(copy.lm_head[...].T, out_sharding=("vocab", "embed"))
+      copy.out_in = True
+    return copy
 
   # ---------------------------------------------------------------- full forward
 

@@ -504,6 +504,9 @@ def save_pretrained(model: Qwen2_5_VL, path: str | os.PathLike, *, dtype=None,
   when none is copied. Tensors are gathered one at a time; in a multi-process run every
   process must call this (gathers are collectives) and process 0 writes.
   """
+  if model.out_in:
+    raise ValueError("save_pretrained: this is a decoding copy with kernels stored [out, in] "
+                     "(with_kernels_out_in); save the model it was made from")
   path = os.fspath(path)
   config = model.config
   targets = []

@@ -61,16 +61,24 @@ class Attention(nnx.Module):
 
   def qkv(self, x):
     """q [B, S, H, hd], k and v [B, S, K, hd] from one dot: each KV head's query group, key
-    and value side by side ([D, K, G + 2, hd], G = H / K), the layout tensor parallelism splits."""
+    and value side by side ([D, K, G + 2, hd], G = H / K), the layout tensor parallelism splits
+    (out_in kernels: [K, G + 2, hd, D])."""
     proj = (self.q_proj, self.k_proj, self.v_proj)
-    d, h, hd = self.q_proj.kernel.shape
-    kv_heads = self.k_proj.kernel.shape[1]
-    group = lambda w, lead: w.reshape(*lead, kv_heads, -1, hd)
-    kernel = jnp.concatenate([group(p.kernel[...], (d,)) for p in proj], axis=2)
-    bias = jnp.concatenate([group(p.bias[...], ()) for p in proj], axis=1)
+    out_in = self.q_proj.out_in
+    h, hd = self.q_proj.kernel.shape[:2] if out_in else self.q_proj.kernel.shape[1:]
+    kv_heads = self.k_proj.kernel.shape[0 if out_in else 1]
     dtype = self.q_proj.dtype
     x = x.astype(dtype)
-    y = jax.lax.dot_general(x, kernel.astype(dtype), (((2,), (0,)), ((), ())))
+    bias = jnp.concatenate([p.bias[...].reshape(kv_heads, -1, hd) for p in proj], axis=1)
+    if out_in:
+      kernel = jnp.concatenate([p.kernel[...].reshape(kv_heads, -1, hd, x.shape[-1])
+                                for p in proj], axis=1)
+      y = layers.dot_out_in(x, kernel.reshape(-1, x.shape[-1]).astype(dtype))
+      y = y.reshape(*x.shape[:2], kv_heads, -1, hd)
+    else:
+      kernel = jnp.concatenate([p.kernel[...].reshape(x.shape[-1], kv_heads, -1, hd)
+                                for p in proj], axis=2)
+      y = jax.lax.dot_general(x, kernel.astype(dtype), (((2,), (0,)), ((), ())))
     y = y + bias.astype(dtype)  # [B, S, K, G + 2, hd]
     g = h // kv_heads
     b, s = x.shape[:2]

@@ -11,9 +11,11 @@ bandwidth of this machine with the weight bytes a decode step reads (the bound o
   python benchmarks/sampler.py --out=/tmp/sampler.json
   python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
 
-Peers (--peers) run in their own processes from the peer venv, after ours in the same job;
-`ratios` divides ours by theirs. On a shared machine compare ratios of one job only and read
-them next to the 1-minute load average recorded with every timed call.
+Peers (--peers) run in their own processes from the peer venv, after ours in the same job.
+With --rounds=N the whole comparison (ours, then each peer, per size) runs N times in turn:
+`ratios` is the median over rounds of ours / theirs within a round (`ratios_per_round` lists
+them), which on a noisy shared machine is steadier than one pass per side (two back-to-back
+one-pass jobs here disagreed by 1.6x). Read them next to the 1-minute load averages recorded.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed generate calls (the median 
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one compiles).")
 _MULTIMODAL = flags.DEFINE_bool("multimodal", True, "Measure image vs text prefill.")
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the Tunix and HF peer generate benchmarks.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the comparison of every size is repeated.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
 # Extra XLA:CPU flags for our process only (the peers run with the environment they were given).
@@ -145,7 +148,7 @@ def bench_generate(size: str) -> dict:
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, config.text.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
   mask = np.ones_like(prompts)
-  out = dict(size=size, init_s=round(init_s, 3),
+  out = dict(size=size, init_s=round(init_s, 3), weight_layout=sampler.weight_layout,
              params=sum(x.size for x in jax.tree.leaves(model)),
              weight_bytes_per_decode_step=_weight_bytes_per_decode_step(config))
   for mode, kwargs in MODES.items():
@@ -229,6 +232,16 @@ def run_peer(script: str, size: str, env: dict) -> dict:
   return result
 
 
+def _keep(table: dict, name: str, result: dict, round_index: int) -> None:
+  """The first round's whole result, and every round's tokens/s per mode beside it."""
+  entry = table.setdefault(name, result)
+  rates = (result.get("results", result).get(f"generate_{m}", {}).get("tokens_per_s")
+           for m in MODES)
+  for mode, rate in zip(MODES, rates):
+    entry.setdefault(f"tokens_per_s_rounds_{mode}", []).append(rate)
+  entry["rounds"] = round_index + 1
+
+
 def main(argv) -> None:
   del argv
   # The peers run without the XLA flags cpt_jax sets for itself.
@@ -243,29 +256,31 @@ def main(argv) -> None:
                 workload=dict(batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
                               dtype="float32"),
                 load_1min_start=_load(), memory_bandwidth_gbps=memory_bandwidth_gbps())
-  report["results"] = {}
-  for size in _SIZES.value:
-    result = bench_generate(size)
-    # What reading every decode-step weight once at the measured bandwidth would allow.
-    step_s = result["weight_bytes_per_decode_step"] / (report["memory_bandwidth_gbps"] * 1e9)
-    result["weight_read_bound_tokens_per_s"] = round(BATCH / step_s, 1)
-    report["results"][size] = result
-    print(json.dumps({size: {m: result[f"generate_{m}"]["tokens_per_s"] for m in MODES}}),
-          flush=True)
+  report["results"], report["peers"], per_round = {}, {}, collections.defaultdict(list)
+  for round_index in range(_ROUNDS.value):
+    for size in _SIZES.value:
+      result = bench_generate(size)
+      # What reading every decode-step weight once at the measured bandwidth would allow.
+      step_s = result["weight_bytes_per_decode_step"] / (report["memory_bandwidth_gbps"] * 1e9)
+      result["weight_read_bound_tokens_per_s"] = round(BATCH / step_s, 1)
+      _keep(report["results"], size, result, round_index)
+      print(json.dumps({size: {m: result[f"generate_{m}"]["tokens_per_s"] for m in MODES}}),
+            flush=True)
+      for script in ("tunix_bench.py", "hf_bench.py") if _PEERS.value else ():
+        peer = script.split("_")[0]
+        theirs = run_peer(script, size, peer_env)
+        _keep(report["peers"], f"{peer}_{size}", theirs, round_index)
+        for mode in MODES:
+          their_rate = theirs.get("results", {}).get(f"generate_{mode}", {}).get("tokens_per_s")
+          if their_rate:
+            per_round[f"{size}_{mode}_vs_{peer}"].append(
+                round(result[f"generate_{mode}"]["tokens_per_s"] / their_rate, 3))
+        print(json.dumps({k: v for k, v in per_round.items() if k.startswith(size)}), flush=True)
   if _MULTIMODAL.value:
     report["multimodal_prefill"] = bench_multimodal_prefill()
   if _PEERS.value:
-    report["peers"], report["ratios"] = {}, {}
-    for size in _SIZES.value:
-      for script in ("tunix_bench.py", "hf_bench.py"):
-        peer = script.split("_")[0]
-        result = run_peer(script, size, peer_env)
-        report["peers"][f"{peer}_{size}"] = result
-        for mode in MODES:
-          theirs = result.get("results", {}).get(f"generate_{mode}", {}).get("tokens_per_s")
-          ours = report["results"][size][f"generate_{mode}"]["tokens_per_s"]
-          if theirs:
-            report["ratios"][f"{size}_{mode}_vs_{peer}"] = round(ours / theirs, 2)
+    report["ratios"] = {k: round(statistics.median(v), 2) for k, v in per_round.items()}
+    report["ratios_per_round"] = dict(per_round)
   report["load_1min_end"] = _load()
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=1)

@@ -198,8 +198,8 @@ class GRPOTrainer:
   def sync_rollout(self, params: PyTree) -> None:
     """Points the sampler at `params` (cast to the compute dtype); nothing recompiles.
 
-    Without a cast the sampler reads the actor's arrays, which the next update donates: sync
-    again after every update before sampling.
+    Without a cast (and with the sampler's weight_layout 'in_out') the sampler reads the actor's
+    arrays, which the next update donates: sync again after every update before sampling.
     """
     if self.sampler is None:
       raise ValueError("this trainer has no sampler")

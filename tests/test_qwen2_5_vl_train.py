@@ -31,6 +31,31 @@ def test_jax_nn_attention_path_matches_einsum_path():
                                err_msg=str(list(kwargs)))
 
 
+def test_one_query_attention_equals_numpy_softmax_attention():
+  """A decode step's attention (S = 1: products and sums, no matmuls) against numpy."""
+  rng = np.random.default_rng(2)
+  b, n, kv_heads, t, d = 3, 6, 2, 9, 8
+  q = rng.standard_normal((b, 1, n, d), dtype=np.float32)
+  k, v = (rng.standard_normal((b, t, kv_heads, d), dtype=np.float32) for _ in range(2))
+  mask = rng.random((b, 1, t)) < 0.7
+  mask[:, :, 0] = True
+  lengths = np.asarray([9, 5, 1], np.int32)
+  visible = mask[:, 0] & (np.arange(t)[None] < lengths[:, None])  # [B, T]
+  group = np.repeat(np.arange(kv_heads), n // kv_heads)  # query head -> its KV head
+  scores = np.einsum("bnd,btnd->bnt", q[:, 0], k[:, :, group]) / np.sqrt(d)
+  scores = np.where(visible[:, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum("bnt,btnd->bnd", probs, v[:, :, group])[:, None]
+  run = jax.jit(layers.attention)
+  kt, vt = layers.key_layout(k), layers.value_layout(v)
+  np.testing.assert_allclose(run(q, kt, vt, mask=mask, kv_lengths=lengths), want, atol=1e-5)
+  as_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+  got16 = run(as_bf16(q), as_bf16(kt), as_bf16(vt), mask=mask, kv_lengths=lengths)
+  assert got16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got16, np.float32), want, atol=5e-2)
+
+
 def test_remat_wraps_every_block_and_keeps_gradients():
   tiny = ModelConfig.tiny()  # 2 decoder layers, 2 vision blocks
   grid = np.asarray([(1, 4, 4)])

@@ -254,6 +254,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   return out.reshape(b, s, n, d)
 
 
+def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q [B, K, G, S, D] (already scaled), k [B, K, T, D], v [B, K, D, T], mask [B, S, T]
+  -> [B, K, G, S, D]: the layouts of the two batched matmuls, nothing to transpose."""
+  scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgst,bkdt->bkgsd", probs, v)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, blocks: int,
                      impl: str | None = "xla") -> jax.Array:
   """`attention` over S queries and the same S keys under a causal `mask` [B, S, S] (query i
@@ -261,24 +270,27 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   query, so the masked upper triangle of the scores is mostly never computed. Blocks are at
   least 16 queries; impl other than 'xla' gets the whole square (its kernels skip it).
 
-  q, k and v are split into blocks and block j's keys are the concatenation of key blocks 0..j:
-  the backward then concatenates and adds block gradients, where slices of the whole arrays
-  would pad every block gradient to full length with zeros (small SFT step: 13 pads instead of
-  101, 3.5% fewer bytes accessed)."""
-  s = q.shape[1]
+  The queries are transposed once to [B, K, G, S, D], the layout the matmuls read, rather than
+  per block; q, k and v are split into blocks and block j's keys are the concatenation of key
+  blocks 0..j, so the backward concatenates and adds block gradients, where slices of the whole
+  arrays would pad each to full length with zeros. Small SFT step: 962 fused ops instead of
+  1,038, 13 pads instead of 101, 3.45 GB accessed instead of 3.82."""
+  b, s, n, d = q.shape
   size = max(-(-s // blocks), 16)
   if impl != "xla" or size >= s:
     return attention(q, k, v, mask=mask, impl=impl)
+  kv_heads = k.shape[1]
+  q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, s, kv_heads, n // kv_heads, d)
   cuts = list(range(size, s, size))
-  q_blocks = jnp.split(q, cuts, axis=1)
+  q_blocks = jnp.split(q.transpose(0, 2, 3, 1, 4), cuts, axis=3)  # [B, K, G, S, D] blocks
   k_blocks, v_blocks = jnp.split(k, cuts, axis=2), jnp.split(v, cuts, axis=3)
   out = []
   for j, q_block in enumerate(q_blocks):
-    lo, hi = j * size, j * size + q_block.shape[1]
+    lo, hi = j * size, j * size + q_block.shape[3]
     keys = jnp.concatenate(k_blocks[:j + 1], axis=2)
     values = jnp.concatenate(v_blocks[:j + 1], axis=3)
-    out.append(attention(q_block, keys, values, mask=mask[:, lo:hi, :hi], impl=impl))
-  return jnp.concatenate(out, axis=1)
+    out.append(_grouped_attention(q_block, keys, values, mask[:, lo:hi, :hi]))
+  return jnp.concatenate(out, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
 
 def remat_policy(name: str):

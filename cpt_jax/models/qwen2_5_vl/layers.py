@@ -218,7 +218,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   layouts of the two batched matmuls, so a KV cache kept in them is read without a transpose)
   with N a multiple of K; `mask` [B, S, T] (True = attend) and/or `kv_lengths` [B] (keys at
   t >= length are ignored). Returns [B, S, N, D].
-  impl 'xla' is the einsum below; anything else is passed to jax.nn.dot_product_attention as
+  impl 'xla' is `_grouped_attention`; anything else is passed to jax.nn.dot_product_attention as
   its `implementation` ('cudnn' for the fused GPU kernel).
   """
   if impl != "xla":
@@ -229,37 +229,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
         implementation=impl)
   b, s, n, d = q.shape
   kv_heads, t = k.shape[1], k.shape[2]
-  # The softmax scale on q ([B, S, N, D]) rather than on the scores ([B, N, S, T]).
-  q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, s, kv_heads, n // kv_heads, d)
-  if s == 1:
-    # One query per sequence (a decode step): products summed over the minor axis of k and of v,
-    # which XLA fuses with their neighbours, instead of two batched one-row matmuls and the
-    # transposes around them (small decode step: 109 fused ops instead of 121).
-    f32 = jnp.float32
-    scores = jnp.sum(q[:, 0, :, :, None, :].astype(f32) * k[:, :, None].astype(f32), axis=-1)
-    scores = scores[:, :, :, None]  # [B, K, G, 1, T]
-  else:
-    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
   if kv_lengths is not None:
     valid = jnp.arange(t)[None, :] < kv_lengths[:, None]  # [B, T]
     mask = valid[:, None, :] if mask is None else mask & valid[:, None, :]
+  out = _grouped_attention(_grouped_queries(q, kv_heads), k, v, mask)  # [B, K, G, S, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
+
+
+def _grouped_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+  """q [B, S, N, D] -> [B, K, G, S, D] with the softmax scale applied (on q, not the scores)."""
+  b, s, n, d = q.shape
+  q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, s, kv_heads, n // kv_heads, d)
+  return q.transpose(0, 2, 3, 1, 4)
+
+
+def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                       mask: jax.Array | None) -> jax.Array:
+  """q [B, K, G, S, D] (`_grouped_queries`), k [B, K, T, D], v [B, K, D, T], mask [B, S, T],
+  [B, 1, T] or None -> [B, K, G, S, D]: the layouts of the two batched matmuls."""
+  one_query = q.shape[3] == 1
+  f32 = jnp.float32
+  if one_query:
+    # A decode step: products summed over the minor axis of k and of v, which XLA fuses with
+    # their neighbours, instead of two batched one-row matmuls and the transposes around them
+    # (small decode step: 109 fused ops instead of 121).
+    scores = jnp.sum(q.astype(f32) * k[:, :, None].astype(f32), axis=-1)[..., None, :]
+  else:
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=f32)
   if mask is not None:
     # A finite fill keeps rows without any visible key (padding queries) NaN-free.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  if s == 1:
-    out = jnp.sum(probs[:, :, :, :, None, :].astype(f32) * v[:, :, None, None].astype(f32), axis=-1)
-    return out.astype(v.dtype).reshape(b, 1, n, d)  # from [B, K, G, 1, D]
-  out = jnp.einsum("bkgst,bkdt->bskgd", probs, v)
-  return out.reshape(b, s, n, d)
-
-
-def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q [B, K, G, S, D] (already scaled), k [B, K, T, D], v [B, K, D, T], mask [B, S, T]
-  -> [B, K, G, S, D]: the layouts of the two batched matmuls, nothing to transpose."""
-  scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  if one_query:
+    out = jnp.sum(probs.astype(f32) * v[:, :, None].astype(f32), axis=-1)  # [B, K, G, D]
+    return out.astype(v.dtype)[:, :, :, None]
   return jnp.einsum("bkgst,bkdt->bkgsd", probs, v)
 
 
@@ -279,10 +282,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   size = max(-(-s // blocks), 16)
   if impl != "xla" or size >= s:
     return attention(q, k, v, mask=mask, impl=impl)
-  kv_heads = k.shape[1]
-  q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, s, kv_heads, n // kv_heads, d)
   cuts = list(range(size, s, size))
-  q_blocks = jnp.split(q.transpose(0, 2, 3, 1, 4), cuts, axis=3)  # [B, K, G, S, D] blocks
+  q_blocks = jnp.split(_grouped_queries(q, k.shape[1]), cuts, axis=3)  # [B, K, G, S, D] blocks
   k_blocks, v_blocks = jnp.split(k, cuts, axis=2), jnp.split(v, cuts, axis=3)
   out = []
   for j, q_block in enumerate(q_blocks):

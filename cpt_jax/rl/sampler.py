@@ -210,8 +210,8 @@ def default_compiler_options(platform: str) -> dict[str, Any]:
 # On CPU, weights above this size are decoded with kernels stored [out, in]: the few-row matmuls
 # of a decode step then read each weight row once, which XLA:CPU's YNNPACK dots run faster when
 # the weights stream from memory (100m, 488 MB: 53 vs 64 ms per step in one process); weights
-# that stay in the last-level cache decode faster as stored (small, 20 MB: 2.8 vs 3.7 ms; this
-# machine's L3 is 105 MiB).
+# that stay in the last-level cache decode faster as stored (small, 20 MB: 2.8 vs 3.7 ms; both on
+# a 105 MiB L3; with a 260 MiB L3, 100m measured the same either way).
 OUT_IN_MIN_BYTES = 128 * 2**20
 
 

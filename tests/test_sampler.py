@@ -15,7 +15,8 @@ import cpt_jax
 import hf_fixtures
 from cpt_jax import sharding
 from cpt_jax.models import load_pretrained, prepare_inputs
-from cpt_jax.rl.sampler import OUT_IN_MIN_BYTES, Sampler, default_weight_layout
+from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, Sampler, SamplingMode, default_weight_layout,
+                                sample_logits)
 
 NEW_TOKENS = 12
 GRIDS = [(1, 4, 8), (1, 8, 4)]
@@ -272,6 +273,28 @@ def test_kernels_out_in_decode_the_same(model, sampler, prompt, special, greedy)
   out_in.update_weights(nnx.state(model))  # a state, as the RFT trainer passes
   np.testing.assert_array_equal(run(out_in, prompt, temperature=0.0).tokens, greedy.tokens)
   assert model.language_model.layers[0].self_attn.q_proj.kernel.shape == (d, h, hd)
+
+
+def test_greedy_picks_first_maximum_outside_suppressed_ids():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(5, 37)).astype(np.float32)
+  logits[1, [4, 9, 30]] = 7.0  # ties: the first index wins, as numpy's argmax
+  logits[2, :] = -np.inf
+  logits[2, [11, 12]] = 0.5
+  logits[3, 20] = 9.0  # the maximum is suppressed: the runner-up wins
+  logits[4, :] = 2.0  # all equal
+  suppress = (20, 36)
+  tokens, logprobs, policy = sample_logits(
+      jax.numpy.asarray(logits), jax.random.key(0), np.float32(0.0), np.int32(37),
+      np.float32(1.0), SamplingMode(greedy=True, filtered=False), suppress)
+  allowed = logits.copy()
+  allowed[:, list(suppress)] = -np.inf
+  expected = allowed.argmax(axis=-1)
+  np.testing.assert_array_equal(tokens, expected)
+  assert tokens[1] == 4 and tokens[2] == 11 and tokens[4] == 0
+  np.testing.assert_array_equal(logprobs, 0.0)
+  np.testing.assert_allclose(
+      policy, scipy.special.log_softmax(logits, axis=-1)[np.arange(5), expected], rtol=1e-6)
 
 
 def test_default_weight_layout():

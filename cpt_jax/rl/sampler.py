@@ -183,7 +183,11 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   if suppress_ids:
     logits = logits.at[:, jnp.asarray(suppress_ids, jnp.int32)].set(-jnp.inf)
   if mode.greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # argmax as the first index of the maximum: jnp.argmax's (value, index) pair reduction is a
+    # slow loop on XLA:CPU (small greedy decode call 0.96-0.97x with this).
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    tokens = jnp.min(jnp.where(logits == top, index, logits.shape[-1] - 1), axis=-1)
     logprobs = jnp.zeros(tokens.shape, jnp.float32)
   else:
     candidates = logits / temperature

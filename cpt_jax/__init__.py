@@ -16,6 +16,21 @@ if not USER_CHOSE_YNN_FUSIONS:
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
             "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
+
+
+def _cpu_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether this host's CPU has AVX-512 (Linux: the flags of /proc/cpuinfo; False elsewhere).
+  XLA:CPU's YNNPACK and Eigen kernels rank differently with and without it (see
+  cpt_jax.rl.sampler.default_compiler_options)."""
+  try:
+    with open(cpuinfo) as f:
+      return any(line.startswith("flags") and " avx512f" in line for line in f)
+  except OSError:
+    return False
+
+
+CPU_HAS_AVX512 = _cpu_has_avx512()
+
 import flax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Parameters carry logical axis names; they are placed on a mesh explicitly by

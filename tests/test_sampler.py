@@ -15,7 +15,8 @@ import cpt_jax
 import hf_fixtures
 from cpt_jax import sharding
 from cpt_jax.models import load_pretrained, prepare_inputs
-from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, Sampler, SamplingMode, default_weight_layout,
+from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, PROGRAMS, Sampler, SamplingMode,
+                                default_compiler_options, default_weight_layout,
                                 sample_logits)
 
 NEW_TOKENS = 12
@@ -118,8 +119,9 @@ def test_buckets_and_new_weights_reuse_compiled_programs(model, sampler, prompt,
     sampler.update_weights(model)
   assert (flipped.tokens != greedy.tokens).any()
   assert sampler.compiled_programs() == programs
-  # Compiled with the CPU options (dots on YNNPACK), which these HF-equal tokens ran under.
-  assert sampler.compiler_options == cpt_jax.YNN_DOTS
+  # Compiled with this host's CPU options, which these HF-equal tokens ran under.
+  assert sampler.compiler_options == {p: default_compiler_options("cpu", p) for p in PROGRAMS}
+  assert sampler.compiler_options["prefill"] == cpt_jax.YNN_DOTS
 
 
 def test_seeded_sampling_is_reproducible(sampler, prompt):
@@ -298,10 +300,20 @@ def test_greedy_picks_first_maximum_outside_suppressed_ids():
 
 
 def test_default_weight_layout():
-  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES + 1) == "out_in"
-  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES) == "in_out"
-  assert default_weight_layout("tpu", 10 * OUT_IN_MIN_BYTES) == "in_out"
+  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES + 1, avx512=True) == "out_in"
+  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES, avx512=True) == "in_out"
+  assert default_weight_layout("cpu", 10 * OUT_IN_MIN_BYTES, avx512=False) == "in_out"
+  assert default_weight_layout("tpu", 10 * OUT_IN_MIN_BYTES, avx512=True) == "in_out"
   assert default_weight_layout("gpu", 10 * OUT_IN_MIN_BYTES) == "in_out"
+
+
+def test_default_compiler_options_per_program():
+  assert default_compiler_options("cpu", "prefill", avx512=False) == cpt_jax.YNN_DOTS
+  assert default_compiler_options("cpu", "decode", avx512=True) == cpt_jax.YNN_DOTS
+  assert default_compiler_options("cpu", "decode", avx512=False) == {}
+  assert default_compiler_options("tpu", "prefill") == {}
+  with pytest.raises(ValueError, match="program must be one of"):
+    default_compiler_options("cpu", "train")
 
 
 @pytest.mark.parametrize("weight_layout", ["in_out", "out_in"])

@@ -27,8 +27,9 @@ Rows are grouped by prompt (row i * num_samples + j is sample j of prompt i), so
 reshape to [prompts, num_samples] for group advantages.
 
 Weights are a jit argument (graphdef and state are split once), so `update_weights` after an
-optimiser step reuses the compiled programs. On CPU, a model of more than `OUT_IN_MIN_BYTES` of
-weights is decoded from a copy with its kernels stored [out, in] (`weight_layout`).
+optimiser step reuses the compiled programs. On an AVX-512 CPU, a model of more than
+`OUT_IN_MIN_BYTES` of weights is decoded from a copy with its kernels stored [out, in]
+(`weight_layout`).
 """
 from __future__ import annotations
 
@@ -201,27 +202,44 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   return tokens, logprobs, policy_logprobs
 
 
-def default_compiler_options(platform: str) -> dict[str, Any]:
-  """XLA options of the sampler's programs on `platform`: on CPU, `cpt_jax.YNN_DOTS` (the
-  process default puts dots on Eigen, best for training steps; for decode steps, whose matmuls
-  have one row per sequence, YNNPACK's dots were faster: 100m 119 vs 106-111 tokens/s in one
-  process, small within noise), unless the user's XLA_FLAGS set a ynn_fusion_type. Elsewhere none."""
+PROGRAMS = ("prefill", "decode")
+
+
+def default_compiler_options(platform: str, program: str,
+                             avx512: bool | None = None) -> dict[str, Any]:
+  """XLA options of the sampler's `program` ('prefill' or 'decode') on `platform`.
+
+  On CPU (the process default puts dots on Eigen, best for training steps), `cpt_jax.YNN_DOTS`
+  for the prefill (100m prefill 1.15 vs 1.31 s on a 2-core AVX2 EPYC, 0.38 vs 0.58 s on an
+  AVX-512 Xeon) and, on AVX-512 CPUs (`avx512`, default this host's), for the decode loop,
+  whose matmuls have one row per sequence (100m 119 vs 106-111 tokens/s there). Without
+  AVX-512 the decode loop keeps Eigen's dots (EPYC: 100m 124 vs 110, small 2,048 vs 1,743
+  tokens/s). None when the user's XLA_FLAGS set a ynn_fusion_type; none off CPU.
+  """
+  if program not in PROGRAMS:
+    raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
   if platform != "cpu" or cpt_jax.USER_CHOSE_YNN_FUSIONS:
     return {}
-  return dict(cpt_jax.YNN_DOTS)
+  avx512 = cpt_jax.CPU_HAS_AVX512 if avx512 is None else avx512
+  return dict(cpt_jax.YNN_DOTS) if program == "prefill" or avx512 else {}
 
 
-# On CPU, weights above this size are decoded with kernels stored [out, in]: the few-row matmuls
-# of a decode step then read each weight row once, which XLA:CPU's YNNPACK dots run faster when
-# the weights stream from memory (100m, 488 MB: 53 vs 64 ms per step in one process); weights
-# that stay in the last-level cache decode faster as stored (small, 20 MB: 2.8 vs 3.7 ms; both on
-# a 105 MiB L3; with a 260 MiB L3, 100m measured the same either way).
+# On AVX-512 CPUs, weights above this size are decoded with kernels stored [out, in]: the
+# few-row matmuls of a decode step then read each weight row once, which XLA:CPU's YNNPACK dots
+# run faster when the weights stream from memory (100m, 488 MB: 53 vs 64 ms per step in one
+# process); weights that stay in the last-level cache decode faster as stored (small, 20 MB:
+# 2.8 vs 3.7 ms; both on a 105 MiB L3; with a 260 MiB L3, 100m measured the same either way).
+# On the AVX2 EPYC (8 MiB L3) the stored layout was faster for 100m too (in_out 110 vs out_in
+# 102 tokens/s on YNNPACK's dots; Eigen's dots run [out, in] kernels at half speed).
 OUT_IN_MIN_BYTES = 128 * 2**20
 
 
-def default_weight_layout(platform: str, weight_bytes: int) -> str:
-  """The Sampler's `weight_layout` for 'auto': 'out_in' on CPU above OUT_IN_MIN_BYTES."""
-  return "out_in" if platform == "cpu" and weight_bytes > OUT_IN_MIN_BYTES else "in_out"
+def default_weight_layout(platform: str, weight_bytes: int, avx512: bool | None = None) -> str:
+  """The Sampler's `weight_layout` for 'auto': 'out_in' on AVX-512 CPUs (`avx512`, default
+  this host's) above OUT_IN_MIN_BYTES, else 'in_out'."""
+  avx512 = cpt_jax.CPU_HAS_AVX512 if avx512 is None else avx512
+  big = weight_bytes > OUT_IN_MIN_BYTES
+  return "out_in" if platform == "cpu" and avx512 and big else "in_out"
 
 
 def _repeat_cache(cache: KVCache, n: int) -> KVCache:
@@ -246,8 +264,8 @@ class Sampler:
       unscorable (the trainer's forward would try to place image features there).
     mesh, rules: with a sharded model (cpt_jax.sharding), the mesh and logical rules to run
       under; prompts are split along the batch like `shard_batch`.
-    compiler_options: XLA options of the prefill and decode programs (`jax.jit`'s); default
-      `default_compiler_options` of the model's platform, `{}` for none.
+    compiler_options: XLA options (`jax.jit`'s) of both the prefill and decode programs; default
+      `default_compiler_options` of the model's platform for each program, `{}` for none.
     weight_layout: 'in_out' decodes from the model's own arrays; 'out_in' from a copy with
       kernels stored [out, in] (`Qwen2_5_VL.with_kernels_out_in`: one more copy of the kernels
       in memory, remade by every `update_weights`); 'auto' picks by `default_weight_layout`.
@@ -292,15 +310,16 @@ class Sampler:
     self._source_graphdef, source = nnx.split(model)
     self._source_structure = jax.tree.structure(source)
     self._graphdef, self._params = nnx.split(self._decoding_model(model))
-    if compiler_options is None:
-      compiler_options = default_compiler_options(platform)
-    self.compiler_options = compiler_options
+    # {program: options}: what each program compiled with.
+    self.compiler_options = {
+        program: (default_compiler_options(platform, program) if compiler_options is None
+                  else dict(compiler_options)) for program in PROGRAMS}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_samples", "mode"),
-                            compiler_options=compiler_options)
+                            compiler_options=self.compiler_options["prefill"])
     # The state (KV cache and output buffers) is donated: each call consumes the previous
     # state, so XLA updates the cache in place instead of holding two copies of it.
     self._decode = jax.jit(self._decode_fn, static_argnames=("mode",), donate_argnames=("state",),
-                           compiler_options=compiler_options)
+                           compiler_options=self.compiler_options["decode"])
 
   def update_weights(self, model_or_state: nnx.Module | nnx.State) -> None:
     """Samples from new weights (same structure and shapes: nothing recompiles)."""

@@ -5,8 +5,10 @@ weights, batch 8, prompt 64 random tokens, exactly 64 new tokens (no EOS), greed
 sampling (temperature 1, no top-k / top-p). tokens/s = 8 * 64 / wall time of one generate call
 (prefill + decode + transfer of the results to the host), median of the timed calls after the
 warm-up (whose compile time is reported apart). Also: the prefill cost of a prompt holding an
-image (a small Qwen2.5-VL) against a text-only prompt of the same length, and the memory
-bandwidth of this machine with the weight bytes a decode step reads (the bound of decoding).
+image (a small Qwen2.5-VL) against a text-only prompt of the same length, the memory bandwidth
+of this machine with the weight bytes a decode step reads, and the compute bound: the FLOPs of
+a whole call (prefill + decode steps) at the float32 matmul peak measured in the same job
+(`peak.py`; with --peers PyTorch's GEMM counts too), and each mode's fraction of it.
 
   python benchmarks/sampler.py --out=/tmp/sampler.json
   python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cpt_jax
+from peak import matmul_peak_gflops
 from cpt_jax.models import ModelConfig, TextConfig, VisionConfig, init_from_config
 from cpt_jax.rl.sampler import Sampler
 
@@ -122,6 +125,19 @@ def _weight_bytes_per_decode_step(config: ModelConfig) -> int:
   d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
   per_layer = d * d + d + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d
   return 4 * (t.num_layers * per_layer + d + d * t.vocab_size)
+
+
+def flops_per_call(config: ModelConfig) -> float:
+  """Matmul and attention FLOPs of one generate call: the prefill of BATCH x PROMPT_LEN tokens
+  (LM head on each row's last token only), then NEW_TOKENS - 1 decode steps of BATCH tokens;
+  every query's attention runs over all PROMPT_LEN + NEW_TOKENS - 1 cache slots."""
+  t = config.text
+  d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
+  layers = 2 * t.num_layers * (d * (d + 2 * kv) + d * d + 3 * d * f)  # per token
+  head = 2 * d * t.vocab_size
+  attention = 4 * t.num_layers * t.num_heads * t.head_dim * (PROMPT_LEN + NEW_TOKENS - 1)
+  prefill = BATCH * PROMPT_LEN * (layers + attention) + BATCH * head
+  return prefill + (NEW_TOKENS - 1) * BATCH * (layers + attention + head)
 
 
 def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
@@ -255,7 +271,9 @@ def main(argv) -> None:
                           xla_flags=os.environ.get("XLA_FLAGS", "")),
                 workload=dict(batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
                               dtype="float32"),
-                load_1min_start=_load(), memory_bandwidth_gbps=memory_bandwidth_gbps())
+                load_1min_start=_load(), memory_bandwidth_gbps=memory_bandwidth_gbps(),
+                matmul_gflops=matmul_peak_gflops(_PEER_PYTHON.value if _PEERS.value else None))
+  report["peak_gflops"] = max(report["matmul_gflops"].values())
   report["results"], report["peers"], per_round = {}, {}, collections.defaultdict(list)
   for round_index in range(_ROUNDS.value):
     for size in _SIZES.value:
@@ -263,6 +281,14 @@ def main(argv) -> None:
       # What reading every decode-step weight once at the measured bandwidth would allow.
       step_s = result["weight_bytes_per_decode_step"] / (report["memory_bandwidth_gbps"] * 1e9)
       result["weight_read_bound_tokens_per_s"] = round(BATCH / step_s, 1)
+      # What the FLOPs of a whole call at the matmul peak would allow, and how close each mode is.
+      flops = flops_per_call(_text_config(size))
+      result["flops_per_call"] = flops
+      result["compute_bound_tokens_per_s"] = round(
+          BATCH * NEW_TOKENS * report["peak_gflops"] * 1e9 / flops, 1)
+      for mode in MODES:
+        result[f"generate_{mode}"]["fraction_of_peak"] = round(
+            result[f"generate_{mode}"]["tokens_per_s"] / result["compute_bound_tokens_per_s"], 4)
       _keep(report["results"], size, result, round_index)
       print(json.dumps({size: {m: result[f"generate_{m}"]["tokens_per_s"] for m in MODES}}),
             flush=True)
@@ -284,8 +310,9 @@ def main(argv) -> None:
   report["load_1min_end"] = _load()
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=1)
-  print(json.dumps({k: report[k] for k in ("memory_bandwidth_gbps", "load_1min_start",
-                                           "load_1min_end")} | {"ratios": report.get("ratios")}))
+  print(json.dumps({k: report[k] for k in ("memory_bandwidth_gbps", "peak_gflops",
+                                           "load_1min_start", "load_1min_end")}
+                   | {"ratios": report.get("ratios")}))
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 import cpt_jax
+from peak import matmul_peak_gflops
 from cpt_jax import models
 from cpt_jax.train import optim, sft
 
@@ -150,44 +150,6 @@ def flops_per_token(size: str, params: dict, seq: int) -> float:
   return 6 * matmul + attention
 
 
-TORCH_PEAK = """
-import time, torch
-torch.set_num_threads({threads})
-for n in (2048, 4096):
-  a = torch.randn(n, n)
-  a @ a
-  best = float("inf")
-  for _ in range({repeats}):
-    t0 = time.perf_counter()
-    a @ a
-    best = min(best, time.perf_counter() - t0)
-  print(n, 2 * n**3 / best / 1e9)
-"""
-
-
-def matmul_peak_gflops(repeats: int = 5) -> dict:
-  """Best float32 GFLOP/s of square matmuls: XLA's, and PyTorch's from the peer venv."""
-  rates = {}
-  for n in (2048, 4096):
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul).lower(a, a).compile()
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      matmul(a, a).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-    rates[f"xla_{n}"] = round(2 * n**3 / best / 1e9, 1)
-  if _PEERS.value:
-    code = TORCH_PEAK.format(threads=os.cpu_count(), repeats=repeats)
-    proc = subprocess.run([_PEER_PYTHON.value, "-c", code], capture_output=True, text=True,
-                          check=False)
-    for line in proc.stdout.splitlines():
-      n, rate = line.split()
-      rates[f"torch_{n}"] = round(float(rate), 1)
-  return rates
-
-
 def optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, schedule="constant", warmup_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -278,7 +240,7 @@ def main(argv):
   unknown = [s for s in _SIZES.value if s not in SIZES and s not in VL_SIZES]
   if unknown:
     raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES) + sorted(VL_SIZES)}")
-  peaks = matmul_peak_gflops()
+  peaks = matmul_peak_gflops(_PEER_PYTHON.value if _PEERS.value else None)
   peak = _PEAK.value or max(peaks.values())
   print(json.dumps({"matmul_gflops": peaks, "peak_gflops": peak}), flush=True)
   results = []

@@ -1,9 +1,9 @@
 """cpt_jax: continual post-training of vision-language models in JAX / Flax NNX."""
 import os
 
-# XLA:CPU runs matmuls on Eigen rather than YNNPACK (YNNPACK's other fusions stay): on the
-# 2-core AVX-512 machine of benchmarks/results/ the 100m SFT step is 10-15% faster (the
-# sampler's programs put dots back on YNNPACK: YNN_DOTS). Read when the CPU backend starts
+# XLA:CPU runs matmuls on Eigen rather than YNNPACK (YNNPACK's other fusions stay): on a 2-core
+# AVX-512 Xeon the 100m SFT step is 10-15% faster (on an AVX2 EPYC the same within noise; the
+# sampler puts dots back on YNNPACK per program: YNN_DOTS). Read when the CPU backend starts
 # (other backends ignore it); a ynn_fusion_type of the user's own in XLA_FLAGS wins.
 XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
 USER_CHOSE_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
@@ -11,11 +11,10 @@ if not USER_CHOSE_YNN_FUSIONS:
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAGS}".strip()
 
 # Per-program XLA:CPU options (jax.jit's compiler_options) that put dots back on YNNPACK, with
-# its reduction and convolution fusions: faster for the sampler's few-row matmuls, which stream
-# the weights (100m decode +10%; see cpt_jax.rl.sampler.default_compiler_options).
+# its reduction and convolution fusions: faster for the sampler's prefill, and for its decode
+# loop on AVX-512 CPUs (cpt_jax.rl.sampler.default_compiler_options).
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
             "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
-
 
 
 def _cpu_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -118,13 +118,19 @@ def _timed(call, warmup: int, repeats: int) -> dict:
       min_s=round(min(times), 4), load_1min=loads)
 
 
+def _layer_weights(config: ModelConfig) -> tuple[int, int]:
+  """(matmul weights, biases + norm scales) of one decoder layer."""
+  t = config.text
+  d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
+  return d * (d + 2 * kv) + d * d + 3 * d * f, (d + 2 * kv) + 2 * d
+
+
 def _weight_bytes_per_decode_step(config: ModelConfig) -> int:
   """Bytes of float32 weights one decode step reads: every layer, the final norm and lm_head
   (the embedding is gathered, one row per token)."""
   t = config.text
-  d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
-  per_layer = d * d + d + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d
-  return 4 * (t.num_layers * per_layer + d + d * t.vocab_size)
+  d = t.hidden_size
+  return 4 * (t.num_layers * sum(_layer_weights(config)) + d + d * t.vocab_size)
 
 
 def flops_per_call(config: ModelConfig) -> float:
@@ -132,9 +138,8 @@ def flops_per_call(config: ModelConfig) -> float:
   (LM head on each row's last token only), then NEW_TOKENS - 1 decode steps of BATCH tokens;
   every query's attention runs over all PROMPT_LEN + NEW_TOKENS - 1 cache slots."""
   t = config.text
-  d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
-  layers = 2 * t.num_layers * (d * (d + 2 * kv) + d * d + 3 * d * f)  # per token
-  head = 2 * d * t.vocab_size
+  layers = 2 * t.num_layers * _layer_weights(config)[0]  # per token
+  head = 2 * t.hidden_size * t.vocab_size
   attention = 4 * t.num_layers * t.num_heads * t.head_dim * (PROMPT_LEN + NEW_TOKENS - 1)
   prefill = BATCH * PROMPT_LEN * (layers + attention) + BATCH * head
   return prefill + (NEW_TOKENS - 1) * BATCH * (layers + attention + head)

@@ -20,15 +20,19 @@ tower (hidden 256), each sequence one 224x224 image (256 patches -> 64 image tok
 filling the rest of the 256 tokens. Its FLOPs add the vision tower's (6 x matmul weights per
 patch + window/full attention scores); `over_text` is its step time over `small`'s.
 
-With `--peers`, the same job then runs the peers' training workloads on the text sizes
-(shared/peers: transformers + PyTorch `train`, Tunix `train_step`, each in its own process from
-the peers' venv) and reports ours / theirs tokens/s ratios: the machine is noisy, compare
-ratios from one run only.
+With `--peers`, the same job runs the peers' training workloads on the text sizes right after
+ours (shared/peers: transformers + PyTorch `train`, Tunix `train_step`, each in its own process
+from the peers' venv) and reports ours / theirs tokens/s ratios. With `--rounds=N` the whole
+comparison (per size: ours, then each peer) runs N times in turn: `ratios` is the median over
+rounds of the ratio within a round (`ratios_per_round` lists them), steadier on a noisy shared
+machine than one pass per side; `results` and `peers` keep the first round's full result and
+every round's tokens/s (`tokens_per_s_rounds`). Compare ratios from one job only.
 
-  python benchmarks/sft_step.py --sizes=small,small_vl,100m --peers --out=/tmp/sft_step.json
+  python benchmarks/sft_step.py --sizes=small,small_vl,100m --peers --rounds=3 --out=/tmp/sft.json
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -68,6 +72,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls; the median is report
 _PEAK = flags.DEFINE_float("peak_gflops", 0.0,
                            "Peak float32 GFLOP/s of the machine (0: measured in this job).")
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the HF and Tunix training benchmarks.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the comparison of every size is repeated.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
 # peer -> (script, workload, the result key holding tokens_per_s)
@@ -235,35 +240,48 @@ def run_peer(peer: str, size: str) -> dict:
   return dict(json.loads(lines[-1]), load_1min_before=load)
 
 
+def _keep(table: dict, name: str, result: dict, tokens_per_s: float | None) -> None:
+  """The first round's whole result, and every round's tokens/s beside it."""
+  entry = table.setdefault(name, result)
+  entry.setdefault("tokens_per_s_rounds", []).append(tokens_per_s)
+
+
 def main(argv):
   del argv
   unknown = [s for s in _SIZES.value if s not in SIZES and s not in VL_SIZES]
   if unknown:
     raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES) + sorted(VL_SIZES)}")
+  if _ROUNDS.value < 1:
+    raise app.UsageError(f"--rounds must be >= 1, got {_ROUNDS.value}")
   peaks = matmul_peak_gflops(_PEER_PYTHON.value if _PEERS.value else None)
   peak = _PEAK.value or max(peaks.values())
   print(json.dumps({"matmul_gflops": peaks, "peak_gflops": peak}), flush=True)
-  results = []
-  for size in _SIZES.value:
-    results.append(measure(size, peak))
-    text = next((r for r in results if r["size"] == VL_SIZES.get(size)), None)
-    if text is not None:
-      results[-1]["over_text"] = round(results[-1]["median_s"] / text["median_s"], 3)
-    print(json.dumps(results[-1]), flush=True)
-  report = dict(matmul_gflops=peaks, peak_gflops=peak, results=results,
-                load_1min_end=os.getloadavg()[0])
-  if _PEERS.value:
-    report["peers"], report["ratios"] = {}, {}
-    for size in [s for s in _SIZES.value if s in SIZES]:
-      ours = next(r for r in results if r["size"] == size)["tokens_per_s"]
-      for peer in PEERS:
+  results, peers, per_round = {}, {}, collections.defaultdict(list)
+  for _ in range(_ROUNDS.value):
+    this_round = {}
+    for size in _SIZES.value:
+      ours = this_round[size] = measure(size, peak)
+      text = this_round.get(VL_SIZES.get(size))
+      if text is not None:
+        ours["over_text"] = round(ours["median_s"] / text["median_s"], 3)
+      _keep(results, size, ours, ours["tokens_per_s"])
+      print(json.dumps(ours), flush=True)
+      for peer in PEERS if _PEERS.value and size in SIZES else ():
         result = run_peer(peer, size)
-        report["peers"][f"{peer}_{size}"] = result
         theirs = result.get("results", {}).get(PEERS[peer][2], {}).get("tokens_per_s")
         if theirs:
-          report["ratios"][f"{size}_vs_{peer}"] = round(ours / theirs, 3)
-          flops = next(r for r in results if r["size"] == size)["flops_per_token"]
-          result["fraction_of_peak"] = round(theirs * flops / 1e9 / peak, 4)
+          per_round[f"{size}_vs_{peer}"].append(round(ours["tokens_per_s"] / theirs, 3))
+          result["fraction_of_peak"] = round(theirs * ours["flops_per_token"] / 1e9 / peak, 4)
+        _keep(peers, f"{peer}_{size}", result, theirs)
+      if _PEERS.value and size in SIZES:
+        print(json.dumps({k: v for k, v in per_round.items() if k.startswith(f"{size}_")}),
+              flush=True)
+  report = dict(matmul_gflops=peaks, peak_gflops=peak, rounds=_ROUNDS.value,
+                results=list(results.values()), load_1min_end=os.getloadavg()[0])
+  if _PEERS.value:
+    report["peers"] = peers
+    report["ratios"] = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+    report["ratios_per_round"] = dict(per_round)
     print(json.dumps({"ratios": report["ratios"]}), flush=True)
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=2)

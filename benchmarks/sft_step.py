@@ -257,7 +257,7 @@ def main(argv):
   peak = _PEAK.value or max(peaks.values())
   print(json.dumps({"matmul_gflops": peaks, "peak_gflops": peak}), flush=True)
   results, peers, per_round = {}, {}, collections.defaultdict(list)
-  for _ in range(_ROUNDS.value):
+  for round_index in range(_ROUNDS.value):
     this_round = {}
     for size in _SIZES.value:
       ours = this_round[size] = measure(size, peak)
@@ -276,15 +276,17 @@ def main(argv):
       if _PEERS.value and size in SIZES:
         print(json.dumps({k: v for k, v in per_round.items() if k.startswith(f"{size}_")}),
               flush=True)
-  report = dict(matmul_gflops=peaks, peak_gflops=peak, rounds=_ROUNDS.value,
-                results=list(results.values()), load_1min_end=os.getloadavg()[0])
+    # Written after every round: a crash late in a long job keeps the rounds already done.
+    report = dict(matmul_gflops=peaks, peak_gflops=peak, rounds=round_index + 1,
+                  results=list(results.values()), load_1min_end=os.getloadavg()[0])
+    if _PEERS.value:
+      report["peers"] = peers
+      report["ratios"] = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+      report["ratios_per_round"] = dict(per_round)
+    with open(_OUT.value, "w") as f:
+      json.dump(report, f, indent=2)
   if _PEERS.value:
-    report["peers"] = peers
-    report["ratios"] = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
-    report["ratios_per_round"] = dict(per_round)
     print(json.dumps({"ratios": report["ratios"]}), flush=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

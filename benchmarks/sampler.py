@@ -8,7 +8,9 @@ warm-up (whose compile time is reported apart). Also: the prefill cost of a prom
 image (a small Qwen2.5-VL) against a text-only prompt of the same length, the memory bandwidth
 of this machine with the weight bytes a decode step reads, and the compute bound: the FLOPs of
 a whole call (prefill + decode steps) at the float32 matmul peak measured in the same job
-(`peak.py`; with --peers PyTorch's GEMM counts too), and each mode's fraction of it.
+(`peak.py`; with --peers PyTorch's GEMM counts too), and each mode's fraction of it; and greedy
+rollouts of the paper's longest response (--long_new_tokens, ours only: the peer harness is
+fixed at 64 new tokens), where attention over the long KV cache weighs more.
 
   python benchmarks/sampler.py --out=/tmp/sampler.json
   python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
@@ -48,6 +50,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one 
 _MULTIMODAL = flags.DEFINE_bool("multimodal", True, "Measure image vs text prefill.")
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the Tunix and HF peer generate benchmarks.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the comparison of every size is repeated.")
+_LONG = flags.DEFINE_integer(
+    "long_new_tokens", 1024, "Also time greedy rollouts of this many new tokens on the small "
+    "size (the paper's longest response; 0 skips): decode attention over a long cache.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
 # Extra XLA:CPU flags for our process only (the peers run with the environment they were given).
@@ -194,6 +199,21 @@ def bench_generate(size: str) -> dict:
   return out
 
 
+def bench_long_response(new_tokens: int, size: str = "small") -> dict:
+  """Greedy rollouts of `new_tokens` tokens (no EOS) after the usual 64-token prompts: the later
+  decode steps attend over a cache of up to PROMPT_LEN + new_tokens - 1 slots."""
+  config = _text_config(size)
+  sampler = Sampler(init_from_config(config, 0), max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
+                    prompt_buckets=(PROMPT_LEN,))
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(1, config.text.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
+  call = lambda: sampler(prompts, np.ones_like(prompts), key=jax.random.key(0), temperature=0.0)
+  r = _timed(call, warmup=1, repeats=3)
+  r["tokens_per_s"] = round(BATCH * new_tokens / r["median_s"], 2)
+  return dict(size=size, batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=new_tokens,
+              cache_slots=PROMPT_LEN + new_tokens - 1, generate_greedy=r)
+
+
 def _vision_config() -> ModelConfig:
   """The `small` decoder with a 4-block vision tower (hidden 256) in front."""
   base = _text_config("small")
@@ -307,6 +327,8 @@ def main(argv) -> None:
             per_round[f"{size}_{mode}_vs_{peer}"].append(
                 round(result[f"generate_{mode}"]["tokens_per_s"] / their_rate, 3))
         print(json.dumps({k: v for k, v in per_round.items() if k.startswith(size)}), flush=True)
+  if _LONG.value:
+    report["long_response"] = bench_long_response(_LONG.value)
   if _MULTIMODAL.value:
     report["multimodal_prefill"] = bench_multimodal_prefill()
   if _PEERS.value:

@@ -1,11 +1,11 @@
 """Qwen2 decoder with M-RoPE and a fixed-size KV cache.
 
 Layers: RMSNorm -> GQA attention (bias on q/k/v only) -> residual -> RMSNorm -> SwiGLU -> residual.
-The cache has static shapes: every layer keeps k [B, K, T, D] and v [B, K, D, T] for
-T = max_len slots (the layouts attention's two matmuls read, so a decode step copies no cache),
-and a chunk of S tokens is written at slot `index` with dynamic_update_slice. A query attends to the
-slots that hold real tokens (`mask`) up to its own slot, so prefill, chunked prefill and one-token
-decoding are the same computation.
+The cache has static shapes: every layer keeps k [B, K, D, T] and v [B, K, T, D] for
+T = max_len slots (the layouts attention's two matmuls read, so a decode step copies no cache;
+see `layers.attention`), and a chunk of S tokens is written at slot `index` with
+dynamic_update_slice. A query attends to the slots that hold real tokens (`mask`) up to its own
+slot, so prefill, chunked prefill and one-token decoding are the same computation.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ class KVCache:
   Writes past `max_len` are clamped by dynamic_update_slice and overwrite the last slots, so
   callers size the cache for prompt + generated tokens.
   """
-  k: tuple[jax.Array, ...]  # per layer [B, K, T, D]
-  v: tuple[jax.Array, ...]  # per layer [B, K, D, T]
+  k: tuple[jax.Array, ...]  # per layer [B, K, D, T]
+  v: tuple[jax.Array, ...]  # per layer [B, K, T, D]
   mask: jax.Array  # [B, T] int32: 1 where a slot holds a real (non-padding) token
   index: jax.Array  # [] int32: next slot to write
   positions: jax.Array  # [B] int32: M-RoPE text position of the next generated token
@@ -41,7 +41,7 @@ def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) 
   """An empty cache of `max_len` slots (k/v in `dtype`)."""
   kv, hd = config.num_kv_heads, config.head_dim
   zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros((batch, kv, max_len, hd)), v=zeros((batch, kv, hd, max_len)),
+  return KVCache(k=zeros((batch, kv, hd, max_len)), v=zeros((batch, kv, max_len, hd)),
                  mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
                  positions=jnp.zeros((batch,), jnp.int32))
 
@@ -92,10 +92,10 @@ class Attention(nnx.Module):
     k, v = layers.key_layout(k), layers.value_layout(v)
     if kv is not None:
       k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, 0, index))
-      k = sharding.constrain(k, ("batch", "kv_heads", "length", "head_dim"))
-      v = sharding.constrain(v, ("batch", "kv_heads", "head_dim", "length"))
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, index))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
+      k = sharding.constrain(k, ("batch", "kv_heads", "head_dim", "length"))
+      v = sharding.constrain(v, ("batch", "kv_heads", "length", "head_dim"))
       kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     if kv is None:  # the Decoder's causal mask over the S inputs

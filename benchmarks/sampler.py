@@ -199,19 +199,39 @@ def bench_generate(size: str) -> dict:
   return out
 
 
-def bench_long_response(new_tokens: int, size: str = "small") -> dict:
+def bench_long_response(new_tokens: int, size: str = "small", repeats: int = 3) -> dict:
   """Greedy rollouts of `new_tokens` tokens (no EOS) after the usual 64-token prompts: the later
-  decode steps attend over a cache of up to PROMPT_LEN + new_tokens - 1 slots."""
+  decode steps attend over a cache of up to PROMPT_LEN + new_tokens - 1 slots. The Sampler's
+  default cache, which grows in steps (`cache_rooms`), against one cache sized for the whole
+  response (cache_growth=None), their calls taken in turn."""
   config = _text_config(size)
-  sampler = Sampler(init_from_config(config, 0), max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
-                    prompt_buckets=(PROMPT_LEN,))
+  model = init_from_config(config, 0)
+  samplers = {name: Sampler(model, max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
+                            prompt_buckets=(PROMPT_LEN,), **kw)
+              for name, kw in (("growing_cache", {}), ("one_cache", dict(cache_growth=None)))}
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, config.text.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
-  call = lambda: sampler(prompts, np.ones_like(prompts), key=jax.random.key(0), temperature=0.0)
-  r = _timed(call, warmup=1, repeats=3)
-  r["tokens_per_s"] = round(BATCH * new_tokens / r["median_s"], 2)
-  return dict(size=size, batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=new_tokens,
-              cache_slots=PROMPT_LEN + new_tokens - 1, generate_greedy=r)
+  calls = {name: (lambda s=s: s(prompts, np.ones_like(prompts), key=jax.random.key(0),
+                                temperature=0.0))
+           for name, s in samplers.items()}
+  out = dict(size=size, batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=new_tokens,
+             cache_rooms=samplers["growing_cache"].cache_rooms)
+  for name, call in calls.items():  # the first call compiles
+    compiled, start = _compile["seconds"], time.perf_counter()
+    call()
+    out[name] = dict(first_call_s=round(time.perf_counter() - start, 4),
+                     compile_s=round(_compile["seconds"] - compiled, 4), times_s=[])
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      out[name]["times_s"].append(round(time.perf_counter() - start, 4))
+  for name in calls:
+    median = statistics.median(out[name]["times_s"])
+    out[name].update(median_s=round(median, 4), tokens_per_s=round(BATCH * new_tokens / median, 2))
+  out["growing_over_one_cache"] = round(
+      out["growing_cache"]["tokens_per_s"] / out["one_cache"]["tokens_per_s"], 3)
+  return out
 
 
 def _vision_config() -> ModelConfig:

@@ -109,3 +109,22 @@ def test_image_token_count_mismatch_is_reported(model):
     model(ids, None, hf_fixtures.random_pixels(grid), grid)
   with pytest.raises(ValueError, match=r"7 <\|image_pad\|> tokens but no pixel_values"):
     model(ids)
+
+
+def test_grown_cache_keeps_its_slots_and_appends_empty_ones(model):
+  cache = model.init_cache(2, 5)
+  k = tuple(jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(cache.k))
+  v = tuple(jax.random.normal(jax.random.key(9 + i), x.shape) for i, x in enumerate(cache.v))
+  cache = cache.replace(k=k, v=v, mask=jnp.ones((2, 5), jnp.int32), index=jnp.int32(5))
+  grown = cache.grow(8)
+  assert grown.max_len == 8 and int(grown.index) == 5
+  np.testing.assert_array_equal(grown.mask, [[1] * 5 + [0] * 3] * 2)
+  for old, new in zip(cache.k, grown.k):  # keys [B, K, D, T]
+    np.testing.assert_array_equal(new[..., :5], old)
+    np.testing.assert_array_equal(new[..., 5:], 0.0)
+  for old, new in zip(cache.v, grown.v):  # values [B, K, T, D]
+    np.testing.assert_array_equal(new[:, :, :5], old)
+    np.testing.assert_array_equal(new[:, :, 5:], 0.0)
+  assert cache.grow(5) is cache
+  with pytest.raises(ValueError, match="cannot shrink a KV cache of 5 slots to 4"):
+    cache.grow(4)

@@ -15,7 +15,7 @@ import cpt_jax
 import hf_fixtures
 from cpt_jax import sharding
 from cpt_jax.models import load_pretrained, prepare_inputs
-from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, PROGRAMS, Sampler, SamplingMode,
+from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, PROGRAMS, Sampler, SamplingMode, cache_rooms,
                                 default_compiler_options, default_weight_layout,
                                 sample_logits)
 
@@ -277,6 +277,47 @@ def test_kernels_out_in_decode_the_same(model, sampler, prompt, special, greedy)
   assert model.language_model.layers[0].self_attn.q_proj.kernel.shape == (d, h, hd)
 
 
+def test_cache_rooms_grow_by_even_steps():
+  assert cache_rooms(1024, 128, 8) == (128, 256, 384, 512, 640, 768, 896, 1023)
+  assert cache_rooms(4096, 128, 8) == (512, 1024, 1536, 2048, 2560, 3072, 3584, 4095)
+  assert cache_rooms(64, 128, 8) == (63,)
+  assert cache_rooms(NEW_TOKENS, 2, 8) == (2, 4, 6, 8, 10, 11)
+  assert cache_rooms(NEW_TOKENS, 2, 3) == (4, 8, 11)
+  assert cache_rooms(NEW_TOKENS, None, 8) == (11,)
+  assert cache_rooms(1, 128, 8) == (0,)
+
+
+def test_growing_cache_decodes_the_same(model, sampler, prompt, special, greedy):
+  """A cache that starts with room for 4 new tokens and grows to 8 and 11 (three decode loops,
+  each reading only its own cache size) gives the tokens and log-probs of one cache sized for
+  the whole response, and stops every row at EOS the same way."""
+  assert sampler.cache_rooms == (NEW_TOKENS - 1,)
+  growing = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
+                    eos_ids=(special["eos"],), pad_id=special["pad"], cache_growth=2,
+                    max_cache_sizes=3)
+  assert growing.cache_rooms == (4, 8, 11)
+  out = run(growing, prompt, temperature=0.0)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  np.testing.assert_array_equal(out.lengths, greedy.lengths)
+  ours, theirs = run(growing, prompt, key=5, **SAMPLING), run(sampler, prompt, key=5, **SAMPLING)
+  np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+  np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
+  np.testing.assert_allclose(ours.policy_logprobs, theirs.policy_logprobs, atol=1e-5)
+  # An EOS in the second cache size: the loops after it do not run on.
+  eos = int(greedy.tokens[0, 5])
+  stopping = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS, eos_ids=(eos,),
+                     pad_id=special["pad"], cache_growth=2, max_cache_sizes=3)
+  out = run(stopping, prompt, num_samples=1, temperature=0.0)
+  first = [int(np.argmax(row == eos)) if (row == eos).any() else NEW_TOKENS
+           for row in greedy.tokens[::SAMPLES]]
+  np.testing.assert_array_equal(out.lengths, np.minimum(np.asarray(first) + 1, NEW_TOKENS))
+  assert out.num_steps == max(out.lengths)
+  with pytest.raises(ValueError, match="cache_growth must be >= 1"):
+    Sampler(model, max_new_tokens=4, eos_ids=(), pad_id=0, cache_growth=0)
+  with pytest.raises(ValueError, match="max_cache_sizes must be >= 1"):
+    Sampler(model, max_new_tokens=4, eos_ids=(), pad_id=0, max_cache_sizes=0)
+
+
 def test_greedy_picks_first_maximum_outside_suppressed_ids():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(5, 37)).astype(np.float32)
@@ -316,14 +357,15 @@ def test_default_compiler_options_per_program():
     default_compiler_options("cpu", "train")
 
 
-@pytest.mark.parametrize("weight_layout", ["in_out", "out_in"])
-def test_sharded_greedy_equals_single_device(ckpt, prompt, special, greedy, weight_layout):
+@pytest.mark.parametrize("weight_layout, cache_growth", [("in_out", None), ("out_in", 4)])
+def test_sharded_greedy_equals_single_device(ckpt, prompt, special, greedy, weight_layout,
+                                             cache_growth):
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
   model = sharding.shard_model(load_pretrained(ckpt.path), mesh)
   assert len(model.lm_head[...].sharding.device_set) == 8
   sampler = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
                     eos_ids=(special["eos"],), pad_id=special["pad"], mesh=mesh,
-                    weight_layout=weight_layout)
+                    weight_layout=weight_layout, cache_growth=cache_growth)
   assert len(sampler._params["lm_head"][...].sharding.device_set) == 8
   out = run(sampler, prompt, temperature=0.0)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)

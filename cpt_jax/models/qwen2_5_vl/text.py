@@ -36,6 +36,22 @@ class KVCache:
   def max_len(self) -> int:
     return self.mask.shape[1]
 
+  def grow(self, max_len: int) -> KVCache:
+    """The same cache with empty slots appended up to `max_len` (the cache itself when it
+    already has that many). Attention reads every slot, so a cache sized to what has been
+    written so far decodes faster than one sized for the longest response."""
+    extra = max_len - self.max_len
+    if extra < 0:
+      raise ValueError(f"cannot shrink a KV cache of {self.max_len} slots to {max_len}")
+    if extra == 0:
+      return self
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    k = tuple(sharding.constrain(pad(x, 3), ("batch", "kv_heads", "head_dim", "length"))
+              for x in self.k)
+    v = tuple(sharding.constrain(pad(x, 2), ("batch", "kv_heads", "length", "head_dim"))
+              for x in self.v)
+    return self.replace(k=k, v=v, mask=pad(self.mask, 1))
+
 
 def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   """An empty cache of `max_len` slots (k/v in `dtype`)."""

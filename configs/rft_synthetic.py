@@ -60,6 +60,7 @@ def rft_config() -> ml_collections.ConfigDict:
       rollout_batch_size=512,  # prompts per rollout batch (x n responses)
       update_batch_size=128,   # prompts per optimiser step
       old_logprobs="recompute",  # pi_old: 'recompute' (full forward) or 'sampler'
+      cache_growth=128,        # rollout KV cache grows by >= this many slots (0: one cache)
   )
   c.rif = dict(
       mode="none",            # 'none' | 'offline' (before the task) | 'online' (per batch)

@@ -290,28 +290,27 @@ def test_cache_rooms_grow_by_even_steps():
 def test_growing_cache_decodes_the_same(model, sampler, prompt, special, greedy):
   """A cache that starts with room for 4 new tokens and grows to 8 and 11 (three decode loops,
   each reading only its own cache size) gives the tokens and log-probs of one cache sized for
-  the whole response, and stops every row at EOS the same way."""
+  the whole response, and stops every row at EOS the same way (the loops after do not run)."""
   assert sampler.cache_rooms == (NEW_TOKENS - 1,)
-  growing = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
-                    eos_ids=(special["eos"],), pad_id=special["pad"], cache_growth=2,
-                    max_cache_sizes=3)
-  assert growing.cache_rooms == (4, 8, 11)
-  out = run(growing, prompt, temperature=0.0)
-  np.testing.assert_array_equal(out.tokens, greedy.tokens)
-  np.testing.assert_array_equal(out.lengths, greedy.lengths)
-  ours, theirs = run(growing, prompt, key=5, **SAMPLING), run(sampler, prompt, key=5, **SAMPLING)
+  growing = dict(prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS, pad_id=special["pad"],
+                 cache_growth=2, max_cache_sizes=3)
+  sampling = Sampler(model, eos_ids=(special["eos"],), **growing)
+  assert sampling.cache_rooms == (4, 8, 11)
+  ours, theirs = run(sampling, prompt, key=5, **SAMPLING), run(sampler, prompt, key=5, **SAMPLING)
   np.testing.assert_array_equal(ours.tokens, theirs.tokens)
   np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
   np.testing.assert_allclose(ours.policy_logprobs, theirs.policy_logprobs, atol=1e-5)
-  # An EOS in the second cache size: the loops after it do not run on.
+  # Greedy, with an EOS that the first prompt's row emits in the second cache size.
   eos = int(greedy.tokens[0, 5])
-  stopping = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS, eos_ids=(eos,),
-                     pad_id=special["pad"], cache_growth=2, max_cache_sizes=3)
-  out = run(stopping, prompt, num_samples=1, temperature=0.0)
-  first = [int(np.argmax(row == eos)) if (row == eos).any() else NEW_TOKENS
-           for row in greedy.tokens[::SAMPLES]]
-  np.testing.assert_array_equal(out.lengths, np.minimum(np.asarray(first) + 1, NEW_TOKENS))
-  assert out.num_steps == max(out.lengths)
+  out = run(Sampler(model, eos_ids=(eos,), **growing), prompt, num_samples=1, temperature=0.0)
+  expected = greedy.tokens[::SAMPLES]
+  first = [int(np.argmax(row == eos)) if (row == eos).any() else NEW_TOKENS for row in expected]
+  lengths = np.minimum(np.asarray(first) + 1, NEW_TOKENS)
+  np.testing.assert_array_equal(out.lengths, lengths)
+  for row, length in enumerate(lengths):
+    np.testing.assert_array_equal(out.tokens[row, :length], expected[row, :length])
+    np.testing.assert_array_equal(out.tokens[row, length:], special["pad"])
+  assert out.num_steps == max(lengths)
   with pytest.raises(ValueError, match="cache_growth must be >= 1"):
     Sampler(model, max_new_tokens=4, eos_ids=(), pad_id=0, cache_growth=0)
   with pytest.raises(ValueError, match="max_cache_sizes must be >= 1"):

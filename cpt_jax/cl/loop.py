@@ -294,17 +294,18 @@ class Setup:
   def sampler_of(self, max_new_tokens: int, model: models.Qwen2_5_VL) -> Sampler:
     """A sampler for `max_new_tokens`, set to the weights of `model` (a Qwen2_5_VL whose
     structure follows from this run's: the run's model, or a ParetoVLM folded to one
-    preference)."""
+    preference). Its KV cache grows by `config.rft.rl.cache_growth` slots at a time."""
     buckets = tuple(sorted(set(self.config.data.length_buckets) | {self.config.data.max_len}))
     pad_id = self.tokenizer.pad_token_id
-    key = self.program_key("sampler", max_new_tokens, buckets, pad_id)
+    growth = self.config.rft.rl.cache_growth or None
+    key = self.program_key("sampler", max_new_tokens, buckets, pad_id, growth)
     if key in _PROGRAMS:
       _PROGRAMS[key].update_weights(model)
     else:
       _PROGRAMS[key] = Sampler(
           model, max_new_tokens=max_new_tokens,
           eos_ids=tuple(self.model_config.eos_token_id), pad_id=pad_id, prompt_buckets=buckets,
-          mesh=self.mesh, rules=self.rules)
+          mesh=self.mesh, rules=self.rules, cache_growth=growth)
     return _PROGRAMS[key]
 
   def stage_rng(self, stage: int) -> jax.Array:

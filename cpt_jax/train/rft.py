@@ -340,7 +340,7 @@ class GRPOTrainer:
 def grpo_config(config) -> grpo.GRPOConfig:
   """GRPOConfig from `config.rl`; the optimiser fields come from `config.optim`."""
   rl = dict(config.rl)
-  for key in ("old_logprobs", "top_k"):
+  for key in ("old_logprobs", "top_k", "cache_growth"):
     rl.pop(key)
   rl["dual_clip"] = rl["dual_clip"] if rl["dual_clip"] > 0 else None  # 0 turns it off
   return grpo.GRPOConfig(**rl, max_prompt_length=config.data.max_len, lr=config.optim.lr,
@@ -415,7 +415,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   reference = frozen_copy(params) if cfg.kl_enabled else None
   sampler = Sampler(nnx.merge(graphdef, nnx.State(frozen_copy(params))),
                     max_new_tokens=cfg.max_response_length, eos_ids=eos_ids, pad_id=pad_id,
-                    prompt_buckets=_data_buckets(config), mesh=mesh, rules=rules)
+                    prompt_buckets=_data_buckets(config), mesh=mesh, rules=rules,
+                    cache_growth=config.rl.cache_growth or None)
   sample_key = jax.random.PRNGKey(config.seed + 1)
 
   def sample(batch, key, **kw):

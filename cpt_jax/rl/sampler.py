@@ -421,9 +421,9 @@ class Sampler:
       return self._record(state.replace(cache=cache), *sampled)
 
     for room in self.cache_rooms:
-      # The step that samples column t feeds token t - 1 into decode slot t - 1.
-      keep_going = lambda state, room=room: ((state.step < self.max_new_tokens)
-                                             & (state.step <= room) & ~jnp.all(state.done))
+      # The step that samples column t feeds token t - 1 into decode slot t - 1; the last room
+      # is max_new_tokens - 1 slots, so `step <= room` also ends the loop at max_new_tokens.
+      keep_going = lambda state, room=room: (state.step <= room) & ~jnp.all(state.done)
       state = state.replace(cache=state.cache.grow(prompt_slots + room))
       state = jax.lax.while_loop(keep_going, step, state)
     return state

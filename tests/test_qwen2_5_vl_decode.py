@@ -128,3 +128,40 @@ def test_grown_cache_keeps_its_slots_and_appends_empty_ones(model):
   assert cache.grow(5) is cache
   with pytest.raises(ValueError, match="cannot shrink a KV cache of 5 slots to 4"):
     cache.grow(4)
+
+
+def test_forked_cache_decodes_like_copies_of_the_prompt(model, prompt):
+  """Three rows per prompt read the prompt's slots as one shared prefix; with a different token
+  fed to each row, their logits equal those of a cache holding three copies of the prompt."""
+  graphdef, state = nnx.split(model)
+  batch, length = prompt["ids"].shape
+  n, steps = 3, 4
+  feed = jax.random.randint(jax.random.key(0), (batch * n, steps), 3, 200)
+
+  @jax.jit
+  def run(state):
+    model = nnx.merge(graphdef, state)
+    _, cache = model.prefill(prompt["ids"], prompt["mask"], model.init_cache(batch, length),
+                             pixel_values=prompt["pixels"],
+                             position_ids=prompt["extra"]["position_ids"],
+                             vision_inputs=prompt["extra"]["vision_inputs"])
+    rep = lambda x: jnp.repeat(x, n, axis=0)
+    copied = cache.replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+                           mask=rep(cache.mask), positions=rep(cache.positions))
+    caches, out = [cache.fork(n, steps), copied.grow(length + steps)], []
+    for cache in caches:
+      logits = []
+      for t in range(steps):
+        step_logits, cache = model.decode_step(feed[:, t:t + 1], cache)
+        logits.append(step_logits)
+      out.append((jnp.stack(logits, 1), cache))
+    return out
+
+  (forked_logits, forked), (copied_logits, copied) = run(state)
+  assert forked.max_len == steps and int(forked.index) == steps
+  assert forked.k[0].shape[0] == batch * n and forked.prefix.k[0].shape[0] == batch
+  np.testing.assert_array_equal(forked.positions, copied.positions)
+  assert len(set(np.asarray(forked_logits).argmax(-1)[:n, -1].tolist())) > 1  # rows differ
+  np.testing.assert_allclose(forked_logits, copied_logits, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="already has a shared prefix"):
+    forked.fork(2, 4)

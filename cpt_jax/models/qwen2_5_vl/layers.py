@@ -258,6 +258,38 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.einsum("bkgst,bktd->bkgsd", probs, v)
 
 
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     prefix_k: jax.Array, prefix_v: jax.Array,
+                     prefix_mask: jax.Array) -> jax.Array:
+  """`attention` for rows that share prefixes: row r = i * n + j reads prefix i's keys and
+  values, then its own, under one softmax.
+
+  q [R, S, N, D]; k [R, K, D, T], v [R, K, T, D] and mask [R, S, T] as in `attention`;
+  prefix_k [B, K, D, P], prefix_v [B, K, P, D], prefix_mask [B, P]; R = B * n. Each prefix is
+  read once for its n rows, whose n * G * S queries per KV head form one matmul, instead of
+  being copied and read n times. Always XLA's einsums (whatever the model's `impl`).
+  """
+  r, s, heads, d = q.shape
+  b, kv_heads, _, p = prefix_k.shape
+  n, g = r // b, heads // kv_heads
+  f32, low = jnp.float32, jnp.finfo(jnp.float32).min
+  q = _grouped_queries(q, kv_heads)  # [R, K, G, S, D]
+  own = jnp.einsum("rkgsd,rkdt->rkgst", q, k, preferred_element_type=f32)
+  own = jnp.where(mask[:, None, None], own, low)
+  shared = jnp.einsum("bnkgsd,bkdp->bnkgsp", q.reshape(b, n, kv_heads, g, s, d), prefix_k,
+                      preferred_element_type=f32)
+  shared = jnp.where(prefix_mask.astype(bool)[:, None, None, None, None], shared, low)
+  shared = shared.reshape(r, kv_heads, g, s, p)
+  # One softmax over both parts: a common maximum, then the two weighted sums over one total.
+  top = jnp.maximum(shared.max(-1, keepdims=True), own.max(-1, keepdims=True))
+  shared, own = jnp.exp(shared - top), jnp.exp(own - top)
+  total = shared.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
+  out = jnp.einsum("bnkgsp,bkpd->bnkgsd", shared.reshape(b, n, kv_heads, g, s, p).astype(v.dtype),
+                   prefix_v).reshape(r, kv_heads, g, s, d)
+  out = (out + jnp.einsum("rkgst,rktd->rkgsd", own.astype(v.dtype), v)) / total.astype(v.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(r, s, heads, d)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, blocks: int,
                      impl: str | None = "xla") -> jax.Array:
   """`attention` over S queries and the same S keys under a causal `mask` [B, S, S] (query i

@@ -18,6 +18,9 @@ over `decode_step`, e.g. in a lax.while_loop; the cache is a pytree of arrays):
                                   position_ids=..., vision_inputs=...)  # logits [B, V] f32
     logits, cache = model.decode_step(tokens, cache)           # tokens [B, 1] -> [B, V] f32
 
+For n continuations of each prompt, prefill into a cache of S slots and `cache.fork(n, new_tokens)`:
+decode steps then take [B * n, 1] tokens and read each prompt's slots once for its n rows.
+
 `prefill` returns the logits of each row's last real token, so prompts may be left- or
 right-padded. The cache records each row's next M-RoPE text position (the reference's
 "position + rope delta"), which `decode_step` uses and advances; every row writes its new token

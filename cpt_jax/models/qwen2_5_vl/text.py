@@ -6,6 +6,10 @@ T = max_len slots (the layouts attention's two matmuls read, so a decode step co
 see `layers.attention`), and a chunk of S tokens is written at slot `index` with
 dynamic_update_slice. A query attends to the slots that hold real tokens (`mask`) up to its own
 slot, so prefill, chunked prefill and one-token decoding are the same computation.
+
+`KVCache.fork` turns a cache of B prompts into one of B * n rows that share it: each row writes
+its own slots and reads its prompt's slots as a read-only `SharedPrefix`, so n samples of a
+prompt neither copy its keys and values n times nor read them n times per decode step.
 """
 from __future__ import annotations
 
@@ -20,6 +24,14 @@ from cpt_jax.models.qwen2_5_vl.config import TextConfig
 
 
 @flax.struct.dataclass
+class SharedPrefix:
+  """Read-only keys/values of B prompts, each the prefix of R / B consecutive cache rows."""
+  k: tuple[jax.Array, ...]  # per layer [B, K, D, P]
+  v: tuple[jax.Array, ...]  # per layer [B, K, P, D]
+  mask: jax.Array  # [B, P] int32: 1 where a slot holds a real token
+
+
+@flax.struct.dataclass
 class KVCache:
   """Per-layer keys/values of a batch, a pytree of arrays (jit, lax.while_loop, donation).
 
@@ -31,6 +43,7 @@ class KVCache:
   mask: jax.Array  # [B, T] int32: 1 where a slot holds a real (non-padding) token
   index: jax.Array  # [] int32: next slot to write
   positions: jax.Array  # [B] int32: M-RoPE text position of the next generated token
+  prefix: SharedPrefix | None = None  # slots every row sees before its own (`fork`)
 
   @property
   def max_len(self) -> int:
@@ -51,6 +64,23 @@ class KVCache:
     v = tuple(sharding.constrain(pad(x, 2), ("batch", "kv_heads", "length", "head_dim"))
               for x in self.v)
     return self.replace(k=k, v=v, mask=pad(self.mask, 1))
+
+  def fork(self, n: int, max_len: int) -> KVCache:
+    """A cache of B * n rows, row i * n + j continuing row i of this one, with `max_len` empty
+    slots of its own: this cache's written slots become their shared, read-only prefix."""
+    if self.prefix is not None:
+      raise ValueError("fork: this cache already has a shared prefix")
+    if n < 1 or max_len < 0:
+      raise ValueError(f"fork: n must be >= 1 and max_len >= 0, got {n} and {max_len}")
+    rows, (_, kv_heads, head_dim, _) = self.mask.shape[0] * n, self.k[0].shape
+    zeros = lambda shape, axes: tuple(
+        sharding.constrain(jnp.zeros(shape, x.dtype), axes) for x in self.k)
+    return KVCache(
+        k=zeros((rows, kv_heads, head_dim, max_len), ("batch", "kv_heads", "head_dim", "length")),
+        v=zeros((rows, kv_heads, max_len, head_dim), ("batch", "kv_heads", "length", "head_dim")),
+        mask=jnp.zeros((rows, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
+        positions=jnp.repeat(self.positions, n, axis=0),
+        prefix=SharedPrefix(k=self.k, v=self.v, mask=self.mask))
 
 
 def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -100,8 +130,9 @@ class Attention(nnx.Module):
     b, s = x.shape[:2]
     return y[:, :, :, :g].reshape(b, s, h, hd), y[:, :, :, g], y[:, :, :, g + 1]
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    """x [B, S, D]; mask [B, S, T]; kv: this layer's cache (k, v) or None (T = S)."""
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, prefix=None):
+    """x [B, S, D]; mask [B, S, T]; kv: this layer's cache (k, v) or None (T = S); prefix: this
+    layer's shared (k, v) and its mask [B', P] (`SharedPrefix`) or None."""
     q, k, v = self.qkv(x)
     q = rope.rotate(q, cos, sin)  # [B, S, H, hd]
     k = rope.rotate(k, cos, sin)  # [B, S, K, hd]
@@ -116,6 +147,8 @@ class Attention(nnx.Module):
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     if kv is None:  # the Decoder's causal mask over the S inputs
       out = layers.causal_attention(q, k, v, mask, blocks=self.causal_blocks, impl=self.impl)
+    elif prefix is not None:
+      out = layers.prefix_attention(q, k, v, mask, *prefix)
     else:
       out = layers.attention(q, k, v, mask=mask, impl=self.impl)
     return self.o_proj(out), kv
@@ -132,8 +165,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = layers.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                                bias=False, keys=keys, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, prefix=None):
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, prefix)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "length", "embed")), kv
@@ -165,7 +198,8 @@ class Decoder(nnx.Module):
     """x [B, S, D] embeddings, position_ids [3, B, S], attention_mask [B, S] (1 = real token).
 
     Without a cache, attention is causal over the S inputs. With a cache, the S tokens are
-    written at slots [index, index + S) and attend to every earlier real slot.
+    written at slots [index, index + S) and attend to every earlier real slot (after the real
+    slots of the cache's shared prefix, if any).
     Returns the final-norm hidden states [B, S, D] and the updated cache (or None).
     """
     cfg = self.config
@@ -180,11 +214,13 @@ class Decoder(nnx.Module):
       query_slot = cache.index + jnp.arange(s)  # [S]
       causal = jnp.arange(cache.max_len)[None, :] <= query_slot[:, None]  # [S, T]
       mask = causal[None] & slot_mask.astype(bool)[:, None, :]  # [B, S, T]
+      prefix = cache.prefix
     x = sharding.constrain(x, ("batch", "length", "embed"))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       if cache is not None:
-        x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache.index)
+        shared = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
+        x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache.index, shared)
         new_k.append(k)
         new_v.append(v)
       elif self.remat != "none":

@@ -19,6 +19,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 import cpt_jax  # noqa: F401  (flax eager sharding off)
+from cpt_jax import sharding
 from cpt_jax.models import ModelConfig, init_from_config, prepare_inputs
 from cpt_jax.rl import grpo, rollout
 from cpt_jax.train import optim, rft
@@ -187,7 +188,7 @@ def test_step_loss_and_gradient_match_hand_reference(setup):
   hand_grad = jax.tree.map(lambda a, b: a + b, *pulled)
 
   (micro,) = trainer.micro_batches_of(groups)
-  assert len(micro) == ACCUM and all(len(m["input_ids"]) == 4 for m in micro)
+  assert len(micro) == ACCUM and all(len(m["response_ids"]) == 4 for m in micro)
   state = fresh_state(setup)
   losses, weights = [], []
   for i, batch in enumerate(micro):
@@ -318,9 +319,43 @@ def test_training_batch_positions_generated_image_pads_as_text():
   groups["tokens"][0, 1, :2] = config.image_token_id  # the model "generated" image pads
   groups["lengths"][0, 1] = N
   batch = rollout.training_batch(groups, config)
-  positions = batch["position_ids"][:, 1]  # row 1 = group 0, response 1
-  start = groups["prompt_ids"].shape[1]
-  response = positions[:, start:]
+  response = batch["response_position_ids"][:, 1]  # row 1 = group 0, response 1
   np.testing.assert_array_equal(response, response[:1].repeat(3, 0))  # text: equal rows
   np.testing.assert_array_equal(np.diff(response[0]), 1)
-  assert len(batch["image_feature_index"]) == 2 * G * 4  # only the prompts' image tokens
+  # Each prompt once, positioned as a whole row's start: the image's 2 x 2 grid of positions.
+  ids, mask = groups["prompt_ids"], groups["prompt_mask"]
+  expected = prepare_inputs(config, ids, mask, groups["image_grid_thw"])["position_ids"]
+  np.testing.assert_array_equal(batch["prompt_position_ids"], expected)
+  assert response[0, 0] == expected[0, 0].max() + 1  # the response continues the prompt
+  assert batch["response_ids"].shape == (2 * G, N) and batch["pixel_values"].shape[0] == 2 * 16
+
+
+def test_sharded_forward_and_step_equal_single_device(setup):
+  """On an 8-device mesh (prompts and responses split along the batch, weights over fsdp and
+  tensor), the forward's log-probs and one optimiser step equal the single-device ones."""
+  trainer, config = setup["trainer"], setup["config"]
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  model = sharding.shard_model(
+      nnx.merge(setup["graphdef"], nnx.State(jax.tree.map(jnp.copy, setup["params"]))), mesh)
+  graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  assert len(params["lm_head"].sharding.device_set) == 8
+  sharded = rft.GRPOTrainer(graphdef, setup["optimizer"], CFG, config,
+                            reference_params=jax.tree.map(jnp.copy, params), mesh=mesh)
+  micro = trainer.micro_batches_of(make_groups(config, 4, seed=3))[0]
+  zeros = np.zeros((4, N), np.float32)
+  batches = [dict(m, old_logprobs=zeros, ref_logprobs=zeros) for m in micro]
+  expected = np.asarray(trainer.logprob_fn(setup["params"], trainer.device_batch(batches[0])))
+  state, state_sharded = fresh_state(setup), optim.create_train_state(
+      params, setup["optimizer"], jax.random.PRNGKey(0))
+  with sharded._context():
+    got = np.asarray(sharded.logprob_fn(params, sharded.device_batch(batches[0])))
+    for batch in batches:
+      state_sharded, sharded_metrics = sharded.train_step(state_sharded,
+                                                          sharded.device_batch(batch))
+  for batch in batches:
+    state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+  np.testing.assert_allclose(got, expected, atol=2e-5)
+  assert float(sharded_metrics["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(state_sharded.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)

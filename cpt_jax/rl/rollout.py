@@ -11,8 +11,8 @@ prompt_mask, pixel_values [P, D], image_grid_thw [I, 3], answer, task, id [B]) p
 graded responses: tokens, policy_logprobs [B, G, N], lengths, done, reward, accuracy, format
 [B, G], response (str) [B, G] and, after `add_advantages`, advantages [B, G]. Images are not
 row-aligned ([P, D] patches of all images in reading order), so row selection goes through
-`take_rows`, which moves each prompt's images with it. `training_batch` expands groups to one
-row per response (group-major) without copying the images per response.
+`take_rows`, which moves each prompt's images with it. `training_batch` lays groups out for the
+policy forward: each prompt (and its images) once, then one row per response (group-major).
 
 RIF-RFT (papers.md, "RIF-RFT"): `offline_filter` grades n rollouts per training instance with
 the current model before a task and keeps the learnable ones (`filtering.filter_instances`);
@@ -192,51 +192,48 @@ def add_advantages(groups: Batch, cfg: grpo.GRPOConfig,
 
 
 def training_batch(groups: Batch, model_config, pad_id: int = 0) -> Batch:
-  """Group layout -> one row per response, the arrays the policy forward needs (numpy).
+  """Group layout -> the arrays the policy forward needs (numpy), each prompt ONCE.
 
-  Rows are group-major (R = B * G). Returns input_ids, attention_mask [R, Sp + N] (prompt
-  left-padded, then the response, right-padded), response_mask, sampler_logprobs [R, N],
-  advantages [R] (if present), position_ids [3, R, Sp + N] and, with images, the pixel_values
-  and vision_inputs of each prompt's images ONCE plus image_feature_index [T]: for the T image
-  tokens of the rows in reading order, the image feature that fills each. The vision tower
-  thus runs once per prompt, not once per response (see train.rft.response_logprobs).
+  Returns prompt_ids, prompt_mask [B, Sp] and prompt_position_ids [3, B, Sp]; response_ids,
+  response_mask (1 up to each length, EOS included), sampler_logprobs [R, N] and
+  response_position_ids [3, R, N] for the R = B * G responses, group-major (row i * G + j is
+  response j of prompt i); advantages [R] (if present); with images, each prompt's
+  pixel_values and vision_inputs once. The forward (train.rft.response_logprobs) runs each
+  prompt and its images once and lets its G responses read the prompt's keys and values.
   Response tokens that are image/video pads are positioned as text, as the sampler fed them.
   """
   b, n, new_tokens = groups["tokens"].shape
-  prompt_ids = np.repeat(groups["prompt_ids"], n, axis=0)  # [R, Sp]
-  prompt_mask = np.repeat(groups["prompt_mask"], n, axis=0)
-  tokens = groups["tokens"].reshape(b * n, new_tokens)  # [R, N]
+  prompt_ids = np.asarray(groups["prompt_ids"], np.int32)  # [B, Sp]
+  prompt_mask = np.asarray(groups["prompt_mask"], np.int32)
+  tokens = groups["tokens"].reshape(b * n, new_tokens).astype(np.int32)  # [R, N]
   response_mask = (np.arange(new_tokens)[None] < groups["lengths"].reshape(-1, 1)
                    ).astype(np.int32)
-  input_ids = np.concatenate([prompt_ids, tokens], axis=1).astype(np.int32)  # [R, S]
-  attention_mask = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int32)
   out = {
-      "input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+      "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": tokens,
+      "response_mask": response_mask,
       "sampler_logprobs": groups["policy_logprobs"].reshape(b * n, new_tokens).astype(np.float32),
   }
   if "advantages" in groups:
     out["advantages"] = groups["advantages"].reshape(-1).astype(np.float32)
-  rope_ids = input_ids.copy()
-  response = rope_ids[:, prompt_ids.shape[1]:]
-  response[np.isin(response, [model_config.image_token_id, model_config.video_token_id])] = pad_id
+  # M-RoPE positions of whole rows (prompt, then response), split into the two parts.
+  response = np.where(np.isin(tokens, [model_config.image_token_id, model_config.video_token_id]),
+                      pad_id, tokens)
+  rope_ids = np.concatenate([np.repeat(prompt_ids, n, axis=0), response], axis=1)
+  attention_mask = np.concatenate([np.repeat(prompt_mask, n, axis=0), response_mask], axis=1)
   grids = np.asarray(groups.get("image_grid_thw", np.zeros((0, 3), np.int32))).reshape(-1, 3)
   has_images = len(grids) > 0
   if has_images:
     images = images_per_row(groups, model_config)
     row_grids = np.concatenate([grids[images[p]] for p in range(b) for _ in range(n)])
-  extra = prepare_inputs(model_config, rope_ids, attention_mask, row_grids if has_images else None)
-  out["position_ids"] = extra["position_ids"]
+  positions = prepare_inputs(model_config, rope_ids, attention_mask,
+                             row_grids if has_images else None)["position_ids"]
+  prompt_len = prompt_ids.shape[1]
+  out["prompt_position_ids"] = positions[:, ::n, :prompt_len]
+  out["response_position_ids"] = positions[:, :, prompt_len:]
   if has_images:
-    merge = model_config.vision.spatial_merge_size
-    features = grids.prod(axis=1) // merge**2  # [I] features per image
-    first = np.concatenate([[0], np.cumsum(features)])
-    per_prompt = [np.concatenate([np.arange(first[i], first[i + 1]) for i in images[p]]
-                                 or [np.zeros(0, np.int64)]) for p in range(b)]
-    out["image_feature_index"] = np.concatenate(
-        [per_prompt[p] for p in range(b) for _ in range(n)]).astype(np.int32)
     out["pixel_values"] = np.asarray(groups["pixel_values"], np.float32)
-    out["vision_inputs"] = prepare_inputs(model_config, groups["prompt_ids"],
-                                          groups["prompt_mask"], grids)["vision_inputs"]
+    out["vision_inputs"] = prepare_inputs(model_config, prompt_ids, prompt_mask,
+                                          grids)["vision_inputs"]
   return out
 
 

@@ -389,16 +389,15 @@ class Sampler:
     """Prompt [B, S] -> state with the first token of B * num_samples rows sampled."""
     model = nnx.merge(self._graphdef, params)
     batch, length = input_ids.shape
-    # n > 1 rows per prompt share its slots (`KVCache.fork`); one row keeps them in its cache.
-    shared = num_samples > 1
-    room = self.cache_rooms[0]
-    cache = model.init_cache(batch, length + (0 if shared else room), self.cache_dtype)
+    # A cache of exactly the prompt's slots: its attention skips the masked triangle.
+    cache = model.init_cache(batch, length, self.cache_dtype)
     logits, cache = model.prefill(input_ids, attention_mask, cache, pixel_values=pixel_values,
                                   position_ids=position_ids, vision_inputs=vision_inputs)
     rows = batch * num_samples
     logits = jnp.repeat(logits, num_samples, axis=0)  # [R, V]
-    if shared:
-      cache = cache.fork(num_samples, room)
+    # n > 1 rows per prompt share its slots; one row keeps them in its own cache.
+    room = self.cache_rooms[0]
+    cache = cache.fork(num_samples, room) if num_samples > 1 else cache.grow(length + room)
     buffer = lambda dtype, fill: sharding.constrain(
         jnp.full((rows, self.max_new_tokens), fill, dtype), ("batch", None))
     state = SamplingState(

@@ -49,15 +49,16 @@ PyTree = Any
 OLD_LOGPROBS = ("recompute", "sampler")
 RIF_FILE = "rif_offline.json"
 # Batch entries the policy forward and the loss read (the rest stays on the host).
-DEVICE_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "pixel_values",
-               "vision_inputs", "image_feature_index", "advantages", "old_logprobs",
-               "ref_logprobs", "loss_scale")
+DEVICE_KEYS = ("prompt_ids", "prompt_mask", "prompt_position_ids", "response_ids",
+               "response_mask", "response_position_ids", "pixel_values", "vision_inputs",
+               "advantages", "old_logprobs", "ref_logprobs", "loss_scale")
 # What the policy forward reads (pi_old and pi_ref are scored from these alone).
-FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "pixel_values",
-                "vision_inputs", "image_feature_index")
-# Images and their metadata are whole-batch arrays, not split along the rows.
-_REPLICATED = {"pixel_values": None, "vision_inputs": None, "image_feature_index": None,
-               "loss_scale": None}
+FORWARD_KEYS = ("prompt_ids", "prompt_mask", "prompt_position_ids", "response_ids",
+                "response_mask", "response_position_ids", "pixel_values", "vision_inputs")
+# Batch dims for sharding: positions are [3, rows, length]; images and their metadata are
+# whole-batch arrays, not split along the rows.
+_BATCH_DIMS = {"prompt_position_ids": 1, "response_position_ids": 1, "pixel_values": None,
+               "vision_inputs": None, "loss_scale": None}
 
 
 # ------------------------------------------------------------------ policy forward
@@ -65,30 +66,31 @@ _REPLICATED = {"pixel_values": None, "vision_inputs": None, "image_feature_index
 
 def response_logprobs(graphdef: nnx.GraphDef, params: PyTree, batch: dict, *,
                       loss_chunk: int = 0) -> jax.Array:
-  """log pi(response token | prefix) [R, N] (float32) for rows of `rollout.training_batch`.
+  """log pi(response token | prompt, earlier tokens) [R, N] (float32) for a
+  `rollout.training_batch`.
 
   Plain log_softmax of the logits at temperature 1: the sampler's `policy_logprobs`
-  convention. Each prompt's images go through the vision tower once; their features fill the
-  image tokens of all of the prompt's rows (`image_feature_index`). The response is embedded
-  as plain tokens, as the sampler's decode steps fed it, even where the model generated an
-  image pad. Logits are computed for the response positions only.
+  convention. Each prompt and its images run once, into a KV cache that the prompt's R / B
+  responses read as a shared prefix (`KVCache.fork`), so the prompt's tokens are neither
+  repeated per response nor differentiated per response. The response is embedded as plain
+  tokens, as the sampler's decode steps fed it, even where the model generated an image pad.
+  Logits are computed for the response positions only.
   """
   model = nnx.merge(graphdef, nnx.State(params))
-  ids = batch["input_ids"]  # [R, S]
-  new_tokens = batch["response_mask"].shape[1]
-  start = ids.shape[1] - new_tokens  # Sp
-  x = model.language_model.embed(ids)  # [R, S, D]
-  if batch.get("pixel_values") is not None:
-    features = model.image_features(batch["pixel_values"], vision_inputs=batch["vision_inputs"])
-    features = features[batch["image_feature_index"]].astype(x.dtype)  # [T, D]
-    is_image = (ids == model.config.image_token_id) & (jnp.arange(ids.shape[1]) < start)
-    token = jnp.cumsum(is_image.reshape(-1)) - 1
-    token = jnp.clip(token, 0, features.shape[0] - 1).reshape(is_image.shape)
-    x = jnp.where(is_image[..., None], features[token], x)
-  hidden, _ = model.language_model(x, batch["position_ids"], batch["attention_mask"])
-  # Position t predicts token t + 1; `loss_chunk` tokens through the LM head at a time.
-  logprobs, _ = token_logprobs(hidden[:, start - 1:-1], model.head_kernel(), ids[:, start:],
-                               chunk=loss_chunk)
+  lm = model.language_model
+  prompt_ids, response_ids = batch["prompt_ids"], batch["response_ids"]
+  (prompts, prompt_len), (rows, new_tokens) = prompt_ids.shape, response_ids.shape
+  x, mask, positions = model.embed(
+      prompt_ids, batch["prompt_mask"], batch.get("pixel_values"),
+      position_ids=batch["prompt_position_ids"], vision_inputs=batch.get("vision_inputs"))
+  hidden, cache = lm(x, positions, mask, model.init_cache(prompts, prompt_len, x.dtype))
+  last = prompt_len - 1 - jnp.argmax(mask.astype(bool)[:, ::-1], axis=1)  # last real token
+  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
+  own, _ = lm(lm.embed(response_ids), batch["response_position_ids"], batch["response_mask"],
+              cache.fork(rows // prompts, new_tokens))
+  # The prompt's last token predicts response token 0; response token t predicts t + 1.
+  hidden = jnp.concatenate([jnp.repeat(last_hidden, rows // prompts, axis=0), own[:, :-1]], 1)
+  logprobs, _ = token_logprobs(hidden, model.head_kernel(), response_ids, chunk=loss_chunk)
   return logprobs
 
 
@@ -223,7 +225,7 @@ class GRPOTrainer:
     if self.mesh is None:
       host = jax.tree.map(jnp.asarray, host)
     else:
-      host = sharding.shard_batch(host, self.mesh, batch_dims=_REPLICATED, rules=self.rules)
+      host = sharding.shard_batch(host, self.mesh, batch_dims=_BATCH_DIMS, rules=self.rules)
     on_device = {k: v for k, v in batch.items() if k in DEVICE_KEYS and isinstance(v, jax.Array)}
     return {**on_device, **host}
 

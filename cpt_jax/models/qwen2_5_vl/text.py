@@ -145,7 +145,9 @@ class Attention(nnx.Module):
       v = sharding.constrain(v, ("batch", "kv_heads", "length", "head_dim"))
       kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if kv is None:  # the Decoder's causal mask over the S inputs
+    if prefix is None and k.shape[-1] == q.shape[1]:
+      # The Decoder's causal mask over the S inputs (without a cache, or with one that these S
+      # tokens fill from slot 0).
       out = layers.causal_attention(q, k, v, mask, blocks=self.causal_blocks, impl=self.impl)
     elif prefix is not None:
       out = layers.prefix_attention(q, k, v, mask, *prefix)
@@ -216,18 +218,18 @@ class Decoder(nnx.Module):
       mask = causal[None] & slot_mask.astype(bool)[:, None, :]  # [B, S, T]
       prefix = cache.prefix
     x = sharding.constrain(x, ("batch", "length", "embed"))
+    call = lambda lyr, *a: lyr(*a)
+    if self.remat != "none":  # (without differentiation, remat changes nothing)
+      call = nnx.remat(call, policy=layers.remat_policy(self.remat))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       if cache is not None:
         shared = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
-        x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache.index, shared)
+        x, (k, v) = call(layer, x, cos, sin, mask, (cache.k[i], cache.v[i]), cache.index, shared)
         new_k.append(k)
         new_v.append(v)
-      elif self.remat != "none":
-        x, _ = nnx.remat(lambda lyr, *a: lyr(*a), policy=layers.remat_policy(self.remat))(
-            layer, x, cos, sin, mask)
       else:
-        x, _ = layer(x, cos, sin, mask)
+        x, _ = call(layer, x, cos, sin, mask)
     x = self.norm(x)
     if cache is not None:
       cache = cache.replace(k=tuple(new_k), v=tuple(new_v), mask=slot_mask,

@@ -259,19 +259,26 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     prefix_k: jax.Array, prefix_v: jax.Array,
-                     prefix_mask: jax.Array) -> jax.Array:
+                     prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask: jax.Array, *,
+                     impl: str | None = "xla") -> jax.Array:
   """`attention` for rows that share prefixes: row r = i * n + j reads prefix i's keys and
   values, then its own, under one softmax.
 
   q [R, S, N, D]; k [R, K, D, T], v [R, K, T, D] and mask [R, S, T] as in `attention`;
-  prefix_k [B, K, D, P], prefix_v [B, K, P, D], prefix_mask [B, P]; R = B * n. Each prefix is
-  read once for its n rows, whose n * G * S queries per KV head form one matmul, instead of
-  being copied and read n times. Always XLA's einsums (whatever the model's `impl`).
+  prefix_k [B, K, D, P], prefix_v [B, K, P, D], prefix_mask [B, P]; R = B * n. With impl
+  'xla', each prefix is read once for its n rows, whose n * G * S queries per KV head form one
+  matmul, instead of being copied and read n times. Another impl (a fused kernel, which
+  takes one key sequence per row) gets each row's copy of its prefix followed by its own keys.
   """
   r, s, heads, d = q.shape
   b, kv_heads, _, p = prefix_k.shape
   n, g = r // b, heads // kv_heads
+  if impl != "xla":
+    rows = lambda x: jnp.repeat(x, n, axis=0)
+    visible = jnp.broadcast_to(rows(prefix_mask.astype(bool))[:, None], (r, s, p))
+    return attention(q, jnp.concatenate([rows(prefix_k), k], axis=3),
+                     jnp.concatenate([rows(prefix_v), v], axis=2),
+                     mask=jnp.concatenate([visible, mask], axis=2), impl=impl)
   f32, low = jnp.float32, jnp.finfo(jnp.float32).min
   q = _grouped_queries(q, kv_heads)  # [R, K, G, S, D]
   own = jnp.einsum("rkgsd,rkdt->rkgst", q, k, preferred_element_type=f32)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from cpt_jax.models import ModelConfig, init_from_config, prepare_inputs
 from cpt_jax.models.qwen2_5_vl import layers
+from cpt_jax.train import rft
 
 
 def test_jax_nn_attention_path_matches_einsum_path():
@@ -108,6 +109,17 @@ def test_remat_wraps_every_block_and_keeps_gradients():
   graphdef, state = nnx.split(init_from_config(tiny.replace(remat="dots"), 0))
   jaxpr = jax.make_jaxpr(lambda s: loss_fn(nnx.merge(graphdef, s), ids, pixels, grid))(state)
   assert str(jaxpr).count("remat2[") == tiny.text.num_layers + tiny.vision.depth
+  # The GRPO forward's two decoder passes (the prompt into its cache, the responses on top).
+  extra = prepare_inputs(tiny, ids, None, grid)
+  top = int(extra["position_ids"].max()) + 1
+  batch = dict(prompt_ids=ids, prompt_mask=np.ones_like(ids),
+               prompt_position_ids=extra["position_ids"],
+               response_ids=np.asarray([[6, 7, 8], [9, 10, 11]], np.int32),
+               response_mask=np.ones((2, 3), np.int32),
+               response_position_ids=np.broadcast_to(top + np.arange(3), (3, 2, 3)),
+               pixel_values=pixels, vision_inputs=extra["vision_inputs"])
+  jaxpr = jax.make_jaxpr(lambda s: rft.response_logprobs(graphdef, s, batch))(state)
+  assert str(jaxpr).count("remat2[") == 2 * tiny.text.num_layers + tiny.vision.depth
 
   # Gradients through one rematerialised decoder layer equal the plain ones (text only: a
   # backward compile costs ~10 s per model on this CPU).

@@ -60,10 +60,11 @@ def test_one_query_attention_equals_numpy_softmax_attention():
 
 def test_prefix_attention_equals_numpy_over_copied_prefixes():
   """Rows 3i..3i+2 share prefix i (partly padding) and have causal own keys: XLA's shared-prefix
-  einsums and the fused-kernel path (impl None: each row gets a copy) equal numpy softmax
-  attention over [prefix, own keys], and the XLA path's gradients equal the copy path's."""
+  einsums, whole or in query blocks (40 queries: blocks of 16, 16 and 8), and the fused-kernel
+  path (impl None: each row gets a copy) equal numpy softmax attention over [prefix, own keys],
+  and the XLA paths' gradients equal the copy path's."""
   rng = np.random.default_rng(4)
-  b, n, s, p, heads, kv_heads, d = 2, 3, 4, 5, 4, 2, 8
+  b, n, s, p, heads, kv_heads, d = 2, 3, 40, 5, 4, 2, 8
   r = b * n
   q = rng.standard_normal((r, s, heads, d), dtype=np.float32)
   k, v = (rng.standard_normal((r, s, kv_heads, d), dtype=np.float32) for _ in range(2))
@@ -82,15 +83,17 @@ def test_prefix_attention_equals_numpy_over_copied_prefixes():
   want = np.einsum("rnst,rtnd->rsnd", probs, values[:, :, group])
   args = (layers.key_layout(k), layers.value_layout(v), mask, layers.key_layout(pk),
           layers.value_layout(pv), prefix_mask)
-  run = jax.jit(layers.prefix_attention, static_argnames="impl")
-  for impl in ("xla", None):
-    np.testing.assert_allclose(run(q, *args, impl=impl), want, atol=1e-5, err_msg=str(impl))
+  paths = dict(whole=dict(impl="xla"), blocks=dict(impl="xla", blocks=3), copies=dict(impl=None))
+  run = jax.jit(layers.prefix_attention, static_argnames=("impl", "blocks"))
+  for name, kw in paths.items():
+    np.testing.assert_allclose(run(q, *args, **kw), want, atol=1e-5, err_msg=name)
   weights = rng.standard_normal(want.shape, dtype=np.float32)
-  loss = lambda *a, impl: (layers.prefix_attention(*a, impl=impl) * weights).sum()
-  grad = lambda impl: jax.jit(jax.grad(functools.partial(loss, impl=impl),
-                                       argnums=(0, 1, 2, 4, 5)))(q, *args)
-  for shared, copied in zip(grad("xla"), grad(None)):
-    np.testing.assert_allclose(shared, copied, atol=1e-5)
+  loss = lambda *a, **kw: (layers.prefix_attention(*a, **kw) * weights).sum()
+  grads = {name: jax.jit(jax.grad(functools.partial(loss, **kw), argnums=(0, 1, 2, 4, 5)))(
+      q, *args) for name, kw in paths.items()}
+  for name in ("whole", "blocks"):
+    for got, copied in zip(grads[name], grads["copies"]):
+      np.testing.assert_allclose(got, copied, atol=1e-5, err_msg=name)
 
 
 def test_remat_wraps_every_block_and_keeps_gradients():

@@ -260,32 +260,60 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask: jax.Array, *,
-                     impl: str | None = "xla") -> jax.Array:
+                     impl: str | None = "xla", blocks: int = 1) -> jax.Array:
   """`attention` for rows that share prefixes: row r = i * n + j reads prefix i's keys and
   values, then its own, under one softmax.
 
   q [R, S, N, D]; k [R, K, D, T], v [R, K, T, D] and mask [R, S, T] as in `attention`;
   prefix_k [B, K, D, P], prefix_v [B, K, P, D], prefix_mask [B, P]; R = B * n. With impl
   'xla', each prefix is read once for its n rows, whose n * G * S queries per KV head form one
-  matmul, instead of being copied and read n times. Another impl (a fused kernel, which
-  takes one key sequence per row) gets each row's copy of its prefix followed by its own keys.
+  matmul, instead of being copied and read n times; when the S queries are the T = S own slots
+  under a causal `mask` (a response pass from slot 0), they go in `blocks` query blocks that
+  read only their own keys up to their last query, as in `causal_attention`. Another impl (a
+  fused kernel, which takes one key sequence per row) gets each row's copy of its prefix
+  followed by its own keys.
   """
   r, s, heads, d = q.shape
   b, kv_heads, _, p = prefix_k.shape
-  n, g = r // b, heads // kv_heads
   if impl != "xla":
-    rows = lambda x: jnp.repeat(x, n, axis=0)
+    rows = lambda x: jnp.repeat(x, r // b, axis=0)
     visible = jnp.broadcast_to(rows(prefix_mask.astype(bool))[:, None], (r, s, p))
     return attention(q, jnp.concatenate([rows(prefix_k), k], axis=3),
                      jnp.concatenate([rows(prefix_v), v], axis=2),
                      mask=jnp.concatenate([visible, mask], axis=2), impl=impl)
-  f32, low = jnp.float32, jnp.finfo(jnp.float32).min
   q = _grouped_queries(q, kv_heads)  # [R, K, G, S, D]
+  prefix = (prefix_k, prefix_v, prefix_mask.astype(bool))
+  size = max(-(-s // blocks), 16)
+  if k.shape[3] != s or size >= s:
+    out = _shared_prefix_attention(q, k, v, mask, *prefix)
+  else:
+    cuts = list(range(size, s, size))
+    k_blocks, v_blocks = jnp.split(k, cuts, axis=3), jnp.split(v, cuts, axis=2)
+    out = []
+    for j, q_block in enumerate(jnp.split(q, cuts, axis=3)):
+      lo, hi = j * size, j * size + q_block.shape[3]
+      out.append(_shared_prefix_attention(
+          q_block, jnp.concatenate(k_blocks[:j + 1], axis=3),
+          jnp.concatenate(v_blocks[:j + 1], axis=2), mask[:, lo:hi, :hi], *prefix))
+    out = jnp.concatenate(out, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(r, s, heads, d)
+
+
+def _shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                             prefix_k: jax.Array, prefix_v: jax.Array,
+                             prefix_mask: jax.Array) -> jax.Array:
+  """q [R, K, G, S, D] (`_grouped_queries`), own k [R, K, D, T], v [R, K, T, D], mask
+  [R, S, T]; prefix_k [B, K, D, P], prefix_v [B, K, P, D], prefix_mask [B, P] bool ->
+  [R, K, G, S, D]."""
+  r, kv_heads, g, s, d = q.shape
+  b, p = prefix_k.shape[0], prefix_k.shape[3]
+  n = r // b
+  f32, low = jnp.float32, jnp.finfo(jnp.float32).min
   own = jnp.einsum("rkgsd,rkdt->rkgst", q, k, preferred_element_type=f32)
   own = jnp.where(mask[:, None, None], own, low)
   shared = jnp.einsum("bnkgsd,bkdp->bnkgsp", q.reshape(b, n, kv_heads, g, s, d), prefix_k,
                       preferred_element_type=f32)
-  shared = jnp.where(prefix_mask.astype(bool)[:, None, None, None, None], shared, low)
+  shared = jnp.where(prefix_mask[:, None, None, None, None], shared, low)
   shared = shared.reshape(r, kv_heads, g, s, p)
   # One softmax over both parts: a common maximum, then the two weighted sums over one total.
   top = jnp.maximum(shared.max(-1, keepdims=True), own.max(-1, keepdims=True))
@@ -293,8 +321,7 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   total = shared.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
   out = jnp.einsum("bnkgsp,bkpd->bnkgsd", shared.reshape(b, n, kv_heads, g, s, p).astype(v.dtype),
                    prefix_v).reshape(r, kv_heads, g, s, d)
-  out = (out + jnp.einsum("rkgst,rktd->rkgsd", own.astype(v.dtype), v)) / total.astype(v.dtype)
-  return out.transpose(0, 3, 1, 2, 4).reshape(r, s, heads, d)
+  return (out + jnp.einsum("rkgst,rktd->rkgsd", own.astype(v.dtype), v)) / total.astype(v.dtype)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, blocks: int,

@@ -150,7 +150,8 @@ class Attention(nnx.Module):
       # tokens fill from slot 0).
       out = layers.causal_attention(q, k, v, mask, blocks=self.causal_blocks, impl=self.impl)
     elif prefix is not None:
-      out = layers.prefix_attention(q, k, v, mask, *prefix, impl=self.impl)
+      out = layers.prefix_attention(q, k, v, mask, *prefix, impl=self.impl,
+                                    blocks=self.causal_blocks)
     else:
       out = layers.attention(q, k, v, mask=mask, impl=self.impl)
     return self.o_proj(out), kv

@@ -39,6 +39,7 @@ from cpt_jax import models
 from cpt_jax import sharding
 from cpt_jax import writer as writer_lib
 from cpt_jax.data import pipeline as pipeline_lib
+from cpt_jax.models.qwen2_5_vl.model import last_real_hidden
 from cpt_jax.rl import filtering, grpo, rewards, rollout
 from cpt_jax.rl.sampler import Sampler
 from cpt_jax.train import loop as loop_lib
@@ -84,8 +85,7 @@ def response_logprobs(graphdef: nnx.GraphDef, params: PyTree, batch: dict, *,
       prompt_ids, batch["prompt_mask"], batch.get("pixel_values"),
       position_ids=batch["prompt_position_ids"], vision_inputs=batch.get("vision_inputs"))
   hidden, cache = lm(x, positions, mask, model.init_cache(prompts, prompt_len, x.dtype))
-  last = prompt_len - 1 - jnp.argmax(mask.astype(bool)[:, ::-1], axis=1)  # last real token
-  last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
+  last_hidden = last_real_hidden(hidden, mask)[:, None]  # [B, 1, D]
   own, _ = lm(lm.embed(response_ids), batch["response_position_ids"], batch["response_mask"],
               cache.fork(rows // prompts, new_tokens))
   # The prompt's last token predicts response token 0; response token t predicts t + 1.

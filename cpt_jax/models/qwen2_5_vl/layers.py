@@ -282,20 +282,13 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      jnp.concatenate([rows(prefix_v), v], axis=2),
                      mask=jnp.concatenate([visible, mask], axis=2), impl=impl)
   q = _grouped_queries(q, kv_heads)  # [R, K, G, S, D]
-  prefix = (prefix_k, prefix_v, prefix_mask.astype(bool))
-  size = max(-(-s // blocks), 16)
+  attend = functools.partial(_shared_prefix_attention, prefix_k=prefix_k, prefix_v=prefix_v,
+                             prefix_mask=prefix_mask.astype(bool))
+  size = _query_block_size(s, blocks)
   if k.shape[3] != s or size >= s:
-    out = _shared_prefix_attention(q, k, v, mask, *prefix)
+    out = attend(q, k, v, mask)
   else:
-    cuts = list(range(size, s, size))
-    k_blocks, v_blocks = jnp.split(k, cuts, axis=3), jnp.split(v, cuts, axis=2)
-    out = []
-    for j, q_block in enumerate(jnp.split(q, cuts, axis=3)):
-      lo, hi = j * size, j * size + q_block.shape[3]
-      out.append(_shared_prefix_attention(
-          q_block, jnp.concatenate(k_blocks[:j + 1], axis=3),
-          jnp.concatenate(v_blocks[:j + 1], axis=2), mask[:, lo:hi, :hi], *prefix))
-    out = jnp.concatenate(out, axis=3)
+    out = _in_query_blocks(attend, q, k, v, mask, size)
   return out.transpose(0, 3, 1, 2, 4).reshape(r, s, heads, d)
 
 
@@ -337,19 +330,31 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   arrays would pad each to full length with zeros. Small SFT step: 962 fused ops instead of
   1,038, 13 pads instead of 101, 3.45 GB accessed instead of 3.82."""
   b, s, n, d = q.shape
-  size = max(-(-s // blocks), 16)
+  size = _query_block_size(s, blocks)
   if impl != "xla" or size >= s:
     return attention(q, k, v, mask=mask, impl=impl)
-  cuts = list(range(size, s, size))
-  q_blocks = jnp.split(_grouped_queries(q, k.shape[1]), cuts, axis=3)  # [B, K, G, S, D] blocks
+  out = _in_query_blocks(_grouped_attention, _grouped_queries(q, k.shape[1]), k, v, mask, size)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
+
+
+def _query_block_size(queries: int, blocks: int) -> int:
+  """Queries per block of `causal_attention` / `prefix_attention`: at least 16."""
+  return max(-(-queries // blocks), 16)
+
+
+def _in_query_blocks(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     size: int) -> jax.Array:
+  """attend(q_block, keys, values, mask_block) per block of `size` queries of q [.., S, D]
+  (`_grouped_queries`), block j reading keys k [.., D, S] and values v [.., S, D] up to its
+  last query (the concatenation of key blocks 0..j); the outputs concatenated on S."""
+  cuts = list(range(size, q.shape[3], size))
   k_blocks, v_blocks = jnp.split(k, cuts, axis=3), jnp.split(v, cuts, axis=2)
   out = []
-  for j, q_block in enumerate(q_blocks):
+  for j, q_block in enumerate(jnp.split(q, cuts, axis=3)):
     lo, hi = j * size, j * size + q_block.shape[3]
-    keys = jnp.concatenate(k_blocks[:j + 1], axis=3)
-    values = jnp.concatenate(v_blocks[:j + 1], axis=2)
-    out.append(_grouped_attention(q_block, keys, values, mask[:, lo:hi, :hi]))
-  return jnp.concatenate(out, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
+    out.append(attend(q_block, jnp.concatenate(k_blocks[:j + 1], axis=3),
+                      jnp.concatenate(v_blocks[:j + 1], axis=2), mask[:, lo:hi, :hi]))
+  return jnp.concatenate(out, axis=3)
 
 
 def remat_policy(name: str):

@@ -42,6 +42,13 @@ def _is_concrete(x) -> bool:
   return x is not None and not isinstance(x, jax.core.Tracer)
 
 
+def last_real_hidden(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """hidden [B, S, D] -> [B, D] at each row's last real token (any padding side)."""
+  real = attention_mask.astype(bool)
+  last = real.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)  # [B]
+  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None,
                    image_grid_thw=None) -> dict:
   """Host-side (numpy) metadata for jitted callers.
@@ -199,9 +206,7 @@ class Qwen2_5_VL(nnx.Module):
         vision_inputs=vision_inputs)
     hidden, cache = self.language_model(x, position_ids, attention_mask, cache)
     real = attention_mask.astype(bool)
-    s = real.shape[1]
-    last = s - 1 - jnp.argmax(real[:, ::-1], axis=1)  # [B]
-    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    last_hidden = last_real_hidden(hidden, attention_mask)
     top = jnp.max(jnp.where(real, position_ids.max(axis=0), -1), axis=1)  # [B]
     positions = jnp.where(real.any(axis=1), top + 1, cache.positions).astype(jnp.int32)
     return self.logits(last_hidden), cache.replace(positions=positions)

@@ -15,9 +15,9 @@ import cpt_jax
 import hf_fixtures
 from cpt_jax import sharding
 from cpt_jax.models import load_pretrained, prepare_inputs
-from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, PROGRAMS, Sampler, SamplingMode, cache_rooms,
-                                default_compiler_options, default_weight_layout,
-                                sample_logits)
+from cpt_jax.rl.sampler import (OUT_IN_MIN_BYTES, PROGRAMS, SHARDED_DONE_CHECK_EVERY, Sampler,
+                                SamplingMode, cache_rooms, default_compiler_options,
+                                default_weight_layout, row_devices, sample_logits)
 
 NEW_TOKENS = 12
 GRIDS = [(1, 4, 8), (1, 8, 4)]
@@ -252,6 +252,15 @@ def test_eos_stops_rows_independently(model, sampler, prompt, special, greedy):
   # The loop ends once the last row is done, not after max_new_tokens.
   assert out.num_steps == max(stops) + 1 < NEW_TOKENS
   np.testing.assert_array_equal(greedy.lengths, NEW_TOKENS)
+  # Checking for it every 3 steps (after the prefill's token: steps 1, 4, 7, ...) samples the
+  # same rows and runs on to the next check.
+  every3 = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS, eos_ids=eos,
+                   pad_id=special["pad"], done_check_every=3)
+  late = run(every3, prompt, num_samples=1, temperature=0.0)
+  for name in ("tokens", "lengths", "done"):
+    np.testing.assert_array_equal(getattr(late, name), getattr(out, name))
+  np.testing.assert_array_equal(late.policy_logprobs, out.policy_logprobs)
+  assert late.num_steps == min(1 + 3 * -(-max(stops) // 3), NEW_TOKENS)
 
 
 def test_kernels_out_in_decode_the_same(model, sampler, prompt, special, greedy):
@@ -366,8 +375,33 @@ def test_sharded_greedy_equals_single_device(ckpt, prompt, special, greedy, weig
                     eos_ids=(special["eos"],), pad_id=special["pad"], mesh=mesh,
                     weight_layout=weight_layout, cache_growth=cache_growth)
   assert len(sampler._params["lm_head"][...].sharding.device_set) == 8
+  # fsdp splits the rows: whether all are done is checked every few steps, not every step.
+  assert sampler.done_check_every == SHARDED_DONE_CHECK_EVERY
   out = run(sampler, prompt, temperature=0.0)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  if cache_growth is None:
+    return
+  # An EOS that the first prompt's rows emit in the second cache size: each row stops there.
+  eos = int(greedy.tokens[0, 5])
+  stopping = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS, eos_ids=(eos,),
+                     pad_id=special["pad"], mesh=mesh, weight_layout=weight_layout,
+                     cache_growth=cache_growth)
+  out = run(stopping, prompt, temperature=0.0)
+  first = [int(np.argmax(row == eos)) if (row == eos).any() else NEW_TOKENS
+           for row in greedy.tokens]
+  lengths = np.minimum(np.asarray(first) + 1, NEW_TOKENS)
+  np.testing.assert_array_equal(out.lengths, lengths)
+  for row, length in enumerate(lengths):
+    np.testing.assert_array_equal(out.tokens[row, :length], greedy.tokens[row, :length])
+    np.testing.assert_array_equal(out.tokens[row, length:], special["pad"])
+
+
+def test_row_devices():
+  assert row_devices(None) == 1
+  assert row_devices(sharding.make_mesh({"fsdp": 2, "tensor": 4})) == 2
+  assert row_devices(sharding.make_mesh({"data": 2, "fsdp": 4})) == 8
+  assert row_devices(sharding.make_mesh({"tensor": -1})) == 1
+  assert row_devices(sharding.make_mesh({"data": -1}), "data") == 8
 
 
 def test_bad_inputs_are_reported(model, sampler, prompt):
@@ -384,3 +418,5 @@ def test_bad_inputs_are_reported(model, sampler, prompt):
     Sampler(model, max_new_tokens=4, eos_ids=(10**6,), pad_id=0)
   with pytest.raises(ValueError, match="weight_layout must be"):
     Sampler(model, max_new_tokens=4, eos_ids=(), pad_id=0, weight_layout="transposed")
+  with pytest.raises(ValueError, match="done_check_every must be >= 1"):
+    Sampler(model, max_new_tokens=4, eos_ids=(), pad_id=0, done_check_every=0)

@@ -12,6 +12,13 @@ a whole call (prefill + decode steps) at the float32 matmul peak measured in the
 rollouts of the paper's longest response (--long_new_tokens, ours only: the peer harness is
 fixed at 64 new tokens), where attention over the long KV cache weighs more.
 
+Our process has one XLA CPU device per core (--host_devices), and our sampler is timed in two
+layouts: on one device, and data-parallel over all of them (a {'data': n} mesh, weights
+replicated, batch split; `layouts`). XLA:CPU runs a decode step's few-row ops on one core at a
+time, so the second layout keeps every core busy; it pays when each device's weight reads come
+from the cache, and loses when they share the memory bus. The faster layout is the one compared
+with the peers (`layout`); both are recorded.
+
   python benchmarks/sampler.py --out=/tmp/sampler.json
   python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
 
@@ -24,6 +31,7 @@ one-pass jobs here disagreed by 1.6x). Read them next to the 1-minute load avera
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import platform
@@ -37,9 +45,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import cpt_jax
 from peak import matmul_peak_gflops
+from cpt_jax import sharding
 from cpt_jax.models import ModelConfig, TextConfig, VisionConfig, init_from_config
 from cpt_jax.rl.sampler import Sampler
 
@@ -53,6 +63,10 @@ _ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the comparison of every size 
 _LONG = flags.DEFINE_integer(
     "long_new_tokens", 1024, "Also time greedy rollouts of this many new tokens on the small "
     "size (the paper's longest response; 0 skips): decode attention over a long cache.")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", os.cpu_count() or 1, "XLA CPU devices of our process (`jax_num_cpu_devices`; "
+    "default one per core). Above 1 (dividing the batch of 8), our sampler is also timed "
+    "data-parallel over them, and the faster of the two layouts is compared with the peers.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
 # Extra XLA:CPU flags for our process only (the peers run with the environment they were given).
@@ -163,20 +177,48 @@ def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
   return round(x.nbytes / best / 1e9, 2)
 
 
+def layouts() -> tuple[str, ...]:
+  """'one_device' (the first CPU device), and 'data_parallel' (the batch split over every
+  device, the weights replicated) when there are several and they divide the batch."""
+  count = jax.device_count()
+  return ("one_device",) + (("data_parallel",) if count > 1 and BATCH % count == 0 else ())
+
+
+def _placed(config: ModelConfig, layout: str) -> tuple[nnx.Module, dict]:
+  """A fresh model in `layout`, and the Sampler arguments that go with it."""
+  model = init_from_config(config, 0)
+  if layout == "one_device":
+    return model, {}
+  mesh = sharding.make_mesh({"data": -1})
+  return sharding.shard_model(model, mesh, "data"), dict(mesh=mesh, rules="data")
+
+
 def bench_generate(size: str) -> dict:
+  """Generate calls of each layout in turn; the faster layout's numbers (mean of greedy and
+  sampling) head the result, every layout's are under 'layouts'."""
   config = _text_config(size)
   start = time.perf_counter()
   model = init_from_config(config, 0)
   jax.block_until_ready(jax.tree.leaves(model))
-  init_s = time.perf_counter() - start
+  out = dict(size=size, init_s=round(time.perf_counter() - start, 3),
+             params=sum(x.size for x in jax.tree.leaves(model)),
+             weight_bytes_per_decode_step=_weight_bytes_per_decode_step(config))
+  del model
+  out["layouts"] = {layout: _bench_layout(config, layout) for layout in layouts()}
+  rate = lambda r: sum(r[f"generate_{mode}"]["tokens_per_s"] for mode in MODES)
+  out["layout"] = max(out["layouts"], key=lambda layout: rate(out["layouts"][layout]))
+  return out | out["layouts"][out["layout"]]
+
+
+def _bench_layout(config: ModelConfig, layout: str) -> dict:
+  model, placement = _placed(config, layout)
   sampler = Sampler(model, max_new_tokens=NEW_TOKENS, eos_ids=(), pad_id=0,
-                    prompt_buckets=(PROMPT_LEN,))
+                    prompt_buckets=(PROMPT_LEN,), **placement)
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, config.text.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
   mask = np.ones_like(prompts)
-  out = dict(size=size, init_s=round(init_s, 3), weight_layout=sampler.weight_layout,
-             params=sum(x.size for x in jax.tree.leaves(model)),
-             weight_bytes_per_decode_step=_weight_bytes_per_decode_step(config))
+  out = dict(devices=1 if sampler.mesh is None else sampler.mesh.size,
+             weight_layout=sampler.weight_layout)
   for mode, kwargs in MODES.items():
     calls, lengths = [0], set()
 
@@ -190,7 +232,8 @@ def bench_generate(size: str) -> dict:
     r["new_tokens_per_row_seen"] = sorted(lengths)
     out[f"generate_{mode}"] = r
   # Where the time goes: the same call with one new token is prefill + first token alone.
-  prefill = Sampler(model, max_new_tokens=1, eos_ids=(), pad_id=0, prompt_buckets=(PROMPT_LEN,))
+  prefill = Sampler(model, max_new_tokens=1, eos_ids=(), pad_id=0, prompt_buckets=(PROMPT_LEN,),
+                    **placement)
   r = _timed(lambda: prefill(prompts, mask, key=jax.random.key(0), temperature=0.0),
              _WARMUP.value, _REPEATS.value)
   decode_s = (out["generate_greedy"]["median_s"] - r["median_s"]) / (NEW_TOKENS - 1)
@@ -300,6 +343,10 @@ def _keep(table: dict, name: str, result: dict, round_index: int) -> None:
            for m in MODES)
   for mode, rate in zip(MODES, rates):
     entry.setdefault(f"tokens_per_s_rounds_{mode}", []).append(rate)
+  for layout, r in result.get("layouts", {}).items():
+    for mode in MODES:
+      entry.setdefault(f"tokens_per_s_rounds_{layout}_{mode}", []).append(
+          r[f"generate_{mode}"]["tokens_per_s"])
   entry["rounds"] = round_index + 1
 
 
@@ -311,8 +358,10 @@ def main(argv) -> None:
   # XLA reads XLA_FLAGS when the CPU backend starts, at the first computation below.
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in (os.environ.get("XLA_FLAGS", ""), _XLA_CPU_FLAGS.value) if f)
+  jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
   report = dict(host=dict(python=sys.version.split()[0], platform=platform.platform(),
                           jax=jax.__version__, nproc=os.cpu_count(),
+                          cpu_devices=jax.device_count(),
                           xla_flags=os.environ.get("XLA_FLAGS", "")),
                 workload=dict(batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
                               dtype="float32"),
@@ -331,12 +380,12 @@ def main(argv) -> None:
       result["flops_per_call"] = flops
       result["compute_bound_tokens_per_s"] = round(
           BATCH * NEW_TOKENS * report["peak_gflops"] * 1e9 / flops, 1)
-      for mode in MODES:
-        result[f"generate_{mode}"]["fraction_of_peak"] = round(
-            result[f"generate_{mode}"]["tokens_per_s"] / result["compute_bound_tokens_per_s"], 4)
+      for layout, mode in itertools.product(result["layouts"].values(), MODES):
+        layout[f"generate_{mode}"]["fraction_of_peak"] = round(
+            layout[f"generate_{mode}"]["tokens_per_s"] / result["compute_bound_tokens_per_s"], 4)
       _keep(report["results"], size, result, round_index)
-      print(json.dumps({size: {m: result[f"generate_{m}"]["tokens_per_s"] for m in MODES}}),
-            flush=True)
+      print(json.dumps({size: {layout: {m: r[f"generate_{m}"]["tokens_per_s"] for m in MODES}
+                              for layout, r in result["layouts"].items()}}), flush=True)
       for script in ("tunix_bench.py", "hf_bench.py") if _PEERS.value else ():
         peer = script.split("_")[0]
         theirs = run_peer(script, size, peer_env)

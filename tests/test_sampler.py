@@ -337,7 +337,7 @@ def test_greedy_picks_first_maximum_outside_suppressed_ids():
   suppress = (20, 36)
   tokens, logprobs, policy = sample_logits(
       jax.numpy.asarray(logits), jax.random.key(0), np.float32(0.0), np.int32(37),
-      np.float32(1.0), SamplingMode(greedy=True, filtered=False), suppress)
+      np.float32(1.0), SamplingMode(greedy=True), suppress)
   allowed = logits.copy()
   allowed[:, list(suppress)] = -np.inf
   expected = allowed.argmax(axis=-1)

@@ -68,7 +68,15 @@ class SamplingMode:
   Temperature, top-k and top-p values are traced arguments: changing them does not recompile.
   """
   greedy: bool = False  # argmax (temperature 0)
-  filtered: bool = False  # apply top-k / top-p (costs two O(V) bisections per step)
+  # Each filter costs a bisection per step over the rows' probabilities (<= 31 O(V) passes);
+  # one that is off is not computed (small, 16 prompts x 8 rollouts x 64 tokens, top-p 0.99
+  # alone: 1.12 s per call instead of 1.35 with both bisections).
+  top_k: bool = False  # keep the top_k most likely tokens
+  top_p: bool = False  # then the most likely whose mass reaches top_p
+
+  @property
+  def filtered(self) -> bool:
+    return self.top_k or self.top_p
 
 
 @flax.struct.dataclass
@@ -158,25 +166,31 @@ def _largest_threshold(bits: jax.Array, enough) -> jax.Array:
   return jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, (lo, hi))[0]
 
 
-def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                     by_k: bool = True, by_p: bool = True) -> jax.Array:
   """[R, V] bool: the top_k most likely tokens, then the most likely of those whose mass
-  (renormalised over the top k) reaches top_p. top_k >= V or top_p = 1 turn a filter off.
+  (renormalised over the top k) reaches top_p. top_k >= V or top_p = 1 turn a filter off, as
+  do the static `by_k` / `by_p` = False, which also skip its bisection.
 
   Both sets are thresholds on the probability p, found by bisection over the float32 bit
   patterns of p (monotone for non-negative floats, so the threshold is exact) instead of a sort
-  of the vocabulary. Tokens tied at a threshold are all kept.
+  of the vocabulary (85 ms against 5.4 for [128, 4096] on XLA:CPU). Tokens tied at a threshold
+  are all kept.
   """
   probs = jax.nn.softmax(logits, axis=-1)
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [R, V]
-  at_k = _largest_threshold(bits, lambda keep: keep.sum(axis=-1) >= top_k)
-  in_top_k = bits >= at_k[:, None]
-  probs = jnp.where(in_top_k, probs, 0.0)
-  total = probs.sum(axis=-1)
-  # Every t <= at_k keeps all of the top k (mass ratio 1), so the result lies in [at_k, max].
-  at_p = _largest_threshold(
-      bits, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p * total)
-  at_p = jnp.where(top_p >= 1.0, 0, at_p)  # not even rounding-level tails are cut
-  return bits >= jnp.maximum(at_k, at_p)[:, None]
+  threshold = jnp.zeros(bits.shape[:1], jnp.int32)
+  if by_k:
+    threshold = _largest_threshold(bits, lambda keep: keep.sum(axis=-1) >= top_k)
+    probs = jnp.where(bits >= threshold[:, None], probs, 0.0)
+  if by_p:
+    total = probs.sum(axis=-1)
+    # Every t <= at_k keeps all of the top k (mass ratio 1), so the result lies in [at_k, max].
+    at_p = _largest_threshold(
+        bits, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p * total)
+    at_p = jnp.where(top_p >= 1.0, 0, at_p)  # not even rounding-level tails are cut
+    threshold = jnp.maximum(threshold, at_p)
+  return bits >= threshold[:, None]
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -202,7 +216,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   else:
     candidates = logits / temperature
     if mode.filtered:
-      candidates = jnp.where(top_k_top_p_mask(candidates, top_k, top_p), candidates, -jnp.inf)
+      keep = top_k_top_p_mask(candidates, top_k, top_p, by_k=mode.top_k, by_p=mode.top_p)
+      candidates = jnp.where(keep, candidates, -jnp.inf)
     tokens = categorical(key, candidates)
     chosen = jnp.take_along_axis(candidates, tokens[:, None], axis=-1)[:, 0]
     logprobs = chosen - jax.nn.logsumexp(candidates, axis=-1)
@@ -506,7 +521,8 @@ class Sampler:
     vocab = self.config.text.vocab_size
     top_k = vocab if top_k is None else min(int(top_k), vocab)
     greedy = temperature == 0.0
-    mode = SamplingMode(greedy=greedy, filtered=not greedy and (top_k < vocab or top_p < 1.0))
+    mode = SamplingMode(greedy=greedy, top_k=not greedy and top_k < vocab,
+                        top_p=not greedy and top_p < 1.0)
     ids, mask = self._bucket(prompt_ids, prompt_mask)
     grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
     extra = prepare_inputs(self.config, ids, mask, grids)

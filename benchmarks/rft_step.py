@@ -6,6 +6,7 @@ Compilation happens in an untimed first iteration (its seconds are reported apar
 
   python benchmarks/rft_step.py --size=small --out=/tmp/rft_step.json
   python benchmarks/rft_step.py --size=tiny_vl   # the tiny multimodal model of the tests
+  python benchmarks/rft_step.py --layout=data_parallel   # one XLA CPU device per core
 
 Sizes: `small` and `100m` are the text-only Qwen2 shapes of the peer benchmarks
 (../shared/peers: vocab 4096 / hidden 256 / 4 layers, and vocab 32000 / hidden 768 /
@@ -31,6 +32,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 import cpt_jax  # noqa: F401  (flax eager sharding off)
+from cpt_jax import sharding
 from cpt_jax.models import ModelConfig, TextConfig, init_from_config
 from cpt_jax.rl import grpo, rewards, rollout
 from cpt_jax.rl.sampler import Sampler
@@ -43,6 +45,10 @@ _UPDATE = flags.DEFINE_integer("update_batch", 8, "Prompts per optimiser step.")
 _N = flags.DEFINE_integer("n", 8, "Responses per prompt.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Response tokens (no EOS: always all of them).")
+_LAYOUT = flags.DEFINE_enum(
+    "layout", "one_device", ["one_device", "data_parallel"],
+    "data_parallel: one XLA CPU device per core, the batch split over them, weights replicated "
+    "(what the README recommends for rollouts of small models on a CPU host).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed iterations.")
 
 SIZES = {
@@ -87,11 +93,17 @@ class _Tokens:
 
 def main(argv) -> None:
   del argv
+  mesh = rules = None
+  if _LAYOUT.value == "data_parallel":
+    jax.config.update("jax_num_cpu_devices", os.cpu_count())  # before the backend starts
+    mesh, rules = sharding.make_mesh({"data": -1}), "data"
   config = _model_config(_SIZE.value)
   cfg = grpo.GRPOConfig(n=_N.value, rollout_batch_size=_PROMPTS.value,
                         update_batch_size=_UPDATE.value, max_response_length=_NEW.value,
                         reward="no_cot")
   model = init_from_config(config, 0)
+  if mesh is not None:
+    model = sharding.shard_model(model, mesh, rules)
   graphdef, params, _ = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
   optim_config = ConfigDict(dict(name="adamw", lr=1e-6, schedule="constant", warmup_ratio=0.0,
@@ -100,10 +112,15 @@ def main(argv) -> None:
   optimizer = optim.make_optimizer(optim_config, params, total_steps=1000)
   # No EOS id is ever sampled-and-stopped on: every response has exactly new_tokens tokens.
   sampler = Sampler(model, max_new_tokens=_NEW.value, eos_ids=(), pad_id=0,
-                    prompt_buckets=(_PROMPT_LEN.value,))
-  trainer = rft.GRPOTrainer(graphdef, optimizer, cfg, config,
-                            reference_params=jax.tree.map(jnp.copy, params), sampler=sampler)
+                    prompt_buckets=(_PROMPT_LEN.value,), mesh=mesh, rules=rules)
   state = optim.create_train_state(params, optimizer, jax.random.PRNGKey(0))
+  state_sharding = None
+  if mesh is not None:
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  trainer = rft.GRPOTrainer(graphdef, optimizer, cfg, config,
+                            reference_params=jax.tree.map(jnp.copy, params), sampler=sampler,
+                            mesh=mesh, rules=rules, state_sharding=state_sharding)
   rng = np.random.default_rng(0)
 
   def iteration(i: int) -> dict[str, float]:
@@ -136,7 +153,8 @@ def main(argv) -> None:
   median = {k: float(np.median([t[k] for t in timed])) for k in timed[0]}
   rows = _PROMPTS.value * _N.value
   result = {
-      "benchmark": "rft_step", "size": _SIZE.value, "backend": jax.default_backend(),
+      "benchmark": "rft_step", "size": _SIZE.value, "layout": _LAYOUT.value,
+      "backend": jax.default_backend(),
       "devices": jax.device_count(), "machine": platform.machine(), "cpus": os.cpu_count(),
       "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
       "rollout_batch": _PROMPTS.value, "n": _N.value, "update_batch": _UPDATE.value,

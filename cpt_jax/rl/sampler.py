@@ -148,22 +148,26 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
   return (b * block + j).astype(jnp.int32)
 
 
-def _largest_threshold(bits: jax.Array, enough) -> jax.Array:
-  """Per row, the largest t in [0, max(bits)] with enough(bits >= t) true, given it holds at 0
-  and is monotone (true below some t, false above). Bisection: O(V) per step, <= 31 steps.
+def _largest_threshold(probs: jax.Array, enough) -> jax.Array:
+  """Per row of probs [R, V] >= 0, the largest float32 t in [0, max(probs)] with
+  enough(probs >= t) true, given it holds at 0 and is monotone (true below some t, false above).
 
+  Bisection over the bit patterns of t, which order non-negative floats as their values do, so
+  the threshold is exact in <= 31 O(V) steps; each step compares the floats themselves (one
+  array read per step: 4.1 vs 5.7 ms for [128, 4096] than comparing their bit patterns).
   A while_loop rather than a fixed-count loop, which XLA would unroll (slow to compile).
   """
+  as_float = lambda b: jax.lax.bitcast_convert_type(b, jnp.float32)
 
   def halve(bounds):
     lo, hi = bounds  # enough at lo, not at hi
     mid = lo + (hi - lo) // 2
-    ok = enough(bits >= mid[:, None])
+    ok = enough(probs >= as_float(mid)[:, None])
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-  lo = jnp.zeros(bits.shape[:1], jnp.int32)
-  hi = jnp.max(bits, axis=-1) + 1
-  return jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, (lo, hi))[0]
+  lo = jnp.zeros(probs.shape[:1], jnp.int32)
+  hi = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32) + 1
+  return as_float(jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, (lo, hi))[0])
 
 
 def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
@@ -172,25 +176,24 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
   (renormalised over the top k) reaches top_p. top_k >= V or top_p = 1 turn a filter off, as
   do the static `by_k` / `by_p` = False, which also skip its bisection.
 
-  Both sets are thresholds on the probability p, found by bisection over the float32 bit
-  patterns of p (monotone for non-negative floats, so the threshold is exact) instead of a sort
-  of the vocabulary (85 ms against 5.4 for [128, 4096] on XLA:CPU). Tokens tied at a threshold
-  are all kept.
+  Both sets are thresholds on the probability p, found exactly by bisection
+  (`_largest_threshold`) instead of a sort of the vocabulary (85 ms against 4-6 for [128, 4096]
+  on XLA:CPU). Tokens tied at a threshold are all kept.
   """
-  probs = jax.nn.softmax(logits, axis=-1)
-  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [R, V]
-  threshold = jnp.zeros(bits.shape[:1], jnp.int32)
+  probs = jax.nn.softmax(logits, axis=-1)  # [R, V]
+  threshold = jnp.zeros(probs.shape[:1], jnp.float32)
+  kept = probs
   if by_k:
-    threshold = _largest_threshold(bits, lambda keep: keep.sum(axis=-1) >= top_k)
-    probs = jnp.where(bits >= threshold[:, None], probs, 0.0)
+    threshold = _largest_threshold(probs, lambda keep: keep.sum(axis=-1) >= top_k)
+    kept = jnp.where(probs >= threshold[:, None], probs, 0.0)
   if by_p:
-    total = probs.sum(axis=-1)
+    total = kept.sum(axis=-1)
     # Every t <= at_k keeps all of the top k (mass ratio 1), so the result lies in [at_k, max].
     at_p = _largest_threshold(
-        bits, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p * total)
-    at_p = jnp.where(top_p >= 1.0, 0, at_p)  # not even rounding-level tails are cut
+        probs, lambda keep: jnp.sum(jnp.where(keep, kept, 0.0), axis=-1) >= top_p * total)
+    at_p = jnp.where(top_p >= 1.0, 0.0, at_p)  # not even rounding-level tails are cut
     threshold = jnp.maximum(threshold, at_p)
-  return bits >= threshold[:, None]
+  return probs >= threshold[:, None]
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,

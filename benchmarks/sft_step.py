@@ -5,7 +5,10 @@ random float32 weights, batch 8 x 256 tokens, next-token cross-entropy on every 
 AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01), full parameters. The step
 is `cpt_jax.train.sft.make_train_step` (loss, grads, non-finite skip, AdamW update;
 state donated). Compilation is timed apart (ahead of time), then `--warmup` untimed
-calls, then `--repeats` timed calls of `--steps` steps each; the median is reported.
+runs, then `--repeats` timed runs of `--calls` program calls each; the median is reported.
+A call runs `--steps_per_call` steps: with more than one, the trainer's `steps_per_call`
+program (a scan over that many batches; here the same batch), which on CPU allocates the
+step's temporary buffers once per call rather than once per step.
 
 FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
 the matmul weights (every weight of rank >= 2 but the embedding table, which is a lookup;
@@ -66,8 +69,11 @@ _SIZES = flags.DEFINE_list("sizes", ["small", "small_vl", "100m"],
 _OUT = flags.DEFINE_string("out", "sft_step.json", "JSON file (one object per size).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Steps per timed call (0: 2 for small, else 1).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_CALLS = flags.DEFINE_integer("calls", 0, "Step-program calls per timing (0: 2 for small, else 1).")
+_STEPS_PER_CALL = flags.DEFINE_integer(
+    "steps_per_call", 1, "Steps per program call (the trainer's config.steps_per_call: a scan "
+    "over that many batches).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_gflops", 0.0,
                            "Peak float32 GFLOP/s of the machine (0: measured in this job).")
@@ -181,16 +187,20 @@ def measure(size: str, peak: float) -> dict:
     ones = np.ones_like(ids)
     batch = jax.device_put({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
 
+  per_call = _STEPS_PER_CALL.value
+  if per_call > 1:  # the same batch for every step of a call
+    batch = jax.tree.map(lambda x: jax.numpy.stack([x] * per_call), batch)
   t0 = time.perf_counter()
-  step = sft.make_train_step(graphdef, opt).lower(state, batch).compile()
+  step = sft.make_train_step(graphdef, opt, steps_per_call=per_call).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  steps = _STEPS.value or (2 if size.startswith("small") else 1)
+  calls = _CALLS.value or (2 if size.startswith("small") else 1)
+  steps = calls * per_call
 
   def call():
     nonlocal state
-    for _ in range(steps):
+    for _ in range(calls):
       state, metrics = step(state, batch)
-    return float(metrics["loss"])  # waits for the last step
+    return float(np.asarray(metrics["loss"]).reshape(-1)[-1])  # waits for the last step
 
   t0 = time.perf_counter()
   first_loss = call()
@@ -211,7 +221,7 @@ def measure(size: str, peak: float) -> dict:
     flops += vision_flops_per_sequence(config, state.params) * _BATCH.value * steps
   return dict(
       library="cpt_jax", workload="sft_train_step", size=size, dtype="float32",
-      batch=_BATCH.value, seq_len=_SEQ.value, steps_per_call=steps,
+      batch=_BATCH.value, seq_len=_SEQ.value, calls_per_timing=calls, steps_per_call=per_call,
       params=int(n_params), params_expected=None if multimodal else expected_params(size),
       init_s=round(init_s, 3), compile_s=round(compile_s, 3), first_call_s=round(first_call_s, 4),
       warmup_calls=_WARMUP.value, times_s=[round(t, 4) for t in times], median_s=round(median, 4),

@@ -74,6 +74,8 @@ def sft_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"  # forward dtype; weights and optimizer state stay float32
   c.remat_policy = ""          # jax.checkpoint_policies name for the whole forward ('' off)
   c.loss_chunk = 0             # tokens per LM-head + loss chunk (bounds the [tokens, vocab] logits; 0: all)
+  c.steps_per_call = 1          # SFT job: steps per compiled call (a scan over equally shaped
+                               # batches; on CPU it saves the per-call temp-buffer allocation)
   c.num_epochs = 1.0
   c.total_steps = 0            # > 0 overrides num_epochs
   c.optim = optim_config()

@@ -46,6 +46,16 @@ def shared(tmp_path_factory):
   return root, env, flags
 
 
+@pytest.fixture(scope="module")
+def reference(shared, tmp_path_factory):
+  """An uninterrupted run (evaluated at the end), started at once; tests wait for it."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run = Run(shared, workdir, "--config.eval.every=0")
+  yield run, workdir
+  if run.proc.poll() is None:
+    run.proc.kill()
+
+
 class Run:
   """`python -m cpt_jax.main` in a subprocess; its log is read line by line as it runs."""
 
@@ -56,6 +66,7 @@ class Run:
                                  stderr=subprocess.PIPE)
     self.lines: queue.Queue = queue.Queue()
     self.log: list[str] = []
+    self.returncode: int | None = None
     threading.Thread(target=self._pump, daemon=True).start()
 
   def _pump(self):
@@ -72,8 +83,9 @@ class Run:
 
   def finish(self) -> int:
     returncode = self.proc.wait(timeout=300)
-    while (line := self.lines.get(timeout=300)) is not None:
+    while self.returncode is None and (line := self.lines.get(timeout=300)) is not None:
       self.log.append(line)
+    self.returncode = returncode
     return returncode
 
   @property
@@ -95,11 +107,11 @@ def final_params(workdir):
   return step, checkpoint.restore_params(ckpt_dir, abstract, step)
 
 
-def test_preempt_kill_resume_matches_uninterrupted_run(shared, tmp_path):
-  ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
-  # The reference also evaluates at the end. The others start once it has compiled the train
-  # step, and load that program from the compilation cache.
-  reference = Run(shared, ref_dir, "--config.eval.every=0")
+def test_preempt_kill_resume_matches_uninterrupted_run(shared, reference, tmp_path):
+  reference, ref_dir = reference
+  run_dir = tmp_path / "interrupted"
+  # The others start once the reference has compiled the train step, and load that program
+  # from the compilation cache.
   reference.wait_for("checkpoints/2`")
   # 1) SIGTERM as soon as training starts: the run saves the step it is on and exits cleanly.
   run = Run(shared, run_dir)
@@ -132,6 +144,34 @@ def test_preempt_kill_resume_matches_uninterrupted_run(shared, tmp_path):
   evals = [r for r in writer.read_metrics(ref_dir) if "eval/all/exact_match" in r]
   assert len(evals) == 1 and evals[0]["step"] == TOTAL_STEPS
   assert 0 <= evals[0]["eval/scienceqa/accuracy"] <= 1   # decoded, extracted, graded
+
+
+def test_steps_per_call_matches_one_step_per_call(shared, reference, tmp_path):
+  # Two steps per call, but never past a checkpoint (every 3): calls of steps (1, 2), 3,
+  # (4, 5), 6, (7, 8).
+  run = Run(shared, tmp_path, "--config.steps_per_call=2", "--config.ckpt.every=3")
+  assert run.finish() == 0, run.text[-3000:]
+  reference, ref_dir = reference
+  assert reference.finish() == 0, reference.text[-3000:]
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert sorted(saved) == [3, 6, 8]
+  step, params = final_params(tmp_path)
+  _, ref_params = final_params(ref_dir)
+  assert step == TOTAL_STEPS
+  import jax  # noqa: PLC0415
+  # Another program, so not bit-identical (k_proj's bias has no gradient in exact arithmetic:
+  # Adam turns its rounding noise into steps of ~1e-6).
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  ref = {r["step"]: r for r in writer.read_metrics(ref_dir) if "loss" in r}
+  got = {r["step"]: r for r in writer.read_metrics(tmp_path) if "loss" in r}
+  assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
+  np.testing.assert_allclose([got[s]["loss"] for s in got], [ref[s]["loss"] for s in got],
+                             rtol=1e-5)
+  # The steps of one call share its time; single-step calls stand alone.
+  time = {s: got[s]["step_time_s"] for s in got}
+  assert time[1] == time[2] and time[4] == time[5] and time[7] == time[8]
+  assert len({time[2], time[3], time[5], time[6], time[8]}) == 5
 
 
 def test_unknown_config_key_is_an_error_naming_it(shared, tmp_path):

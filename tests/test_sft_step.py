@@ -142,6 +142,31 @@ def test_nan_batch_is_skipped_bit_identically(setup):
   assert metrics["skipped"] == 0 and int(state.skipped) == 1
 
 
+def test_steps_per_call_runs_the_steps_in_one_program(setup):
+  graphdef, params, opt, step = setup
+  rng = np.random.default_rng(5)
+  batches = [sft.device_batch(make_batch(rng)) for _ in range(3)]
+  batches[1]["pixel_values"] = batches[1]["pixel_values"].copy()
+  batches[1]["pixel_values"][0, 0] = np.nan  # the middle step is skipped inside the program
+  state, want = new_state(params, opt), []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    want.append(metrics)
+  multi = sft.make_train_step(graphdef, opt, steps_per_call=3)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  got_state, got = multi(new_state(params, opt), stacked)
+  np.testing.assert_array_equal(got["skipped"], [0, 1, 0])
+  for i, metrics in enumerate(want):
+    for k in ("loss", "accuracy", "grad_norm", "lr"):
+      np.testing.assert_allclose(got[k][i], metrics[k], rtol=1e-5)
+  assert int(got_state.step) == 3 and int(got_state.skipped) == 1
+  for a, b in zip(jax.tree.leaves((got_state.params, got_state.opt_state)),
+                  jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="steps_per_call must be >= 1, got 0"):
+    sft.make_train_step(graphdef, opt, steps_per_call=0)
+
+
 def copy_task_batch(rng, b=16):
   """[q, 1, q] with the answer q (and the prefix masked): learnable only by looking back."""
   q = rng.integers(2, VOCAB, (b,))

@@ -60,3 +60,34 @@ def test_abstract_train_state_shards_moments_like_params(mesh):
   down = abstract["language_model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
   moments = [m for m in jax.tree.leaves(state.opt_state) if m.shape == down.shape]
   assert moments and all(m.sharding == down.sharding for m in moments)
+
+
+def test_stacked_batches_keep_the_example_dim_sharded(mesh):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 100, (4, 6)).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids),
+           "position_ids": np.stack([np.broadcast_to(np.arange(6), (4, 6))] * 3), "task": ["a"] * 4}
+  other = {**batch, "input_ids": ids + 1}
+  single = loop._device_batch([batch], mesh, None)
+  stacked = loop._device_batch([batch, other], mesh, None)
+  assert "task" not in stacked and stacked["input_ids"].shape == (2, 4, 6)
+  np.testing.assert_array_equal(stacked["input_ids"][1], ids + 1)
+  assert single["input_ids"].sharding.spec[0] == ("data", "fsdp")
+  for key, dim in (("input_ids", 0), ("loss_mask", 0), ("position_ids", 1)):
+    assert stacked[key].sharding.spec[dim + 1] == single[key].sharding.spec[dim], key
+    assert stacked[key].sharding.spec[0] is None
+  assert loop._same_shapes([batch, other])
+  assert not loop._same_shapes([batch, {**batch, "input_ids": ids[:, :5]}])
+
+
+def test_steps_in_call_stop_at_checkpoints_evaluations_and_the_end():
+  config = ConfigDict({"steps_per_call": 4, "ckpt": {"every": 10}, "eval": {"every": 8}})
+  runs, step = [], 0
+  while step < 14:
+    n = loop._steps_in_call(step, 14, config)
+    runs.append(n)
+    step += n
+  # 0-4, 4-8 (evaluation at 8), singles to the checkpoint at 10, 10-14 (the end).
+  assert runs == [4, 4, 1, 1, 4]
+  config.eval.every = -1
+  assert loop._steps_in_call(8, 14, config) == 1 and loop._steps_in_call(10, 14, config) == 4

@@ -47,6 +47,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns final metrics."""
   os.makedirs(workdir, exist_ok=True)
   compute_dtype = parse_dtype(config.compute_dtype)
+  if config.steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be >= 1, got {config.steps_per_call}")
 
   # ---------------------------------------------------------------- mesh
   mesh, rules = sharding.mesh_from_config(config.mesh)
@@ -101,9 +103,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   step = int(state.step)
 
   # ---------------------------------------------------------------- steps
-  train_step = sft.make_train_step(graphdef, optimizer, compute_dtype=compute_dtype,
-                                   remat_policy=config.remat_policy or None,
-                                   state_sharding=state_sh, loss_chunk=config.loss_chunk)
+  step_kwargs = dict(compute_dtype=compute_dtype, remat_policy=config.remat_policy or None,
+                     state_sharding=state_sh, loss_chunk=config.loss_chunk)
+  train_step = sft.make_train_step(graphdef, optimizer, **step_kwargs)
+  # config.steps_per_call steps as one program, for runs of that many equally shaped batches.
+  multi_step = sft.make_train_step(graphdef, optimizer, steps_per_call=config.steps_per_call,
+                                   **step_kwargs) if config.steps_per_call > 1 else None
   eval_step = sft.make_eval_step(graphdef, compute_dtype=compute_dtype,
                                  loss_chunk=config.loss_chunk)
 
@@ -121,7 +126,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                       model_config=model_config)
     scores, tasks, seen = [], [], 0
     for batch in eval_data:
-      scores.append(eval_step(params, _device_batch(batch, mesh, rules)))
+      scores.append(eval_step(params, _device_batch([batch], mesh, rules)))
       # Task names as indices, so that every process can gather them like the scores.
       tasks.append(np.array([config.data.tasks.index(t) for t in batch["task"]], np.int32))
       seen += config.eval.batch_size
@@ -157,25 +162,30 @@ def run(config, workdir: str) -> dict[str, Any]:
   writer = writer_lib.MetricWriter(workdir, config=config, total_steps=total_steps,
                                    start_step=step)
   writer.log("training from step %d to %d", step, total_steps)
-  # A step's metrics are read after the next step is queued, so the host never idles the
-  # devices; step_time_s is the wall time between consecutive iterations.
+  # A call's metrics are read after the next call is queued, so the host never idles the
+  # devices; step_time_s is the wall time between consecutive calls over their steps.
   pending, final, preempted = None, {}, False
   last_time = time.perf_counter()
   with sharding.use_mesh(mesh, rules):
     while step < total_steps:
-      batch = next(train_iter)
-      state, metrics = train_step(state, _device_batch(batch, mesh, rules))
-      step += 1
-      if pending is not None:
-        final = _report(writer, *pending, log_every=config.log_every)
-      now = time.perf_counter()
-      pending, last_time = (step, metrics, now - last_time), now
+      host = [next(train_iter) for _ in range(_steps_in_call(step, total_steps, config))]
+      if len(host) > 1 and _same_shapes(host):
+        calls = [(multi_step, _device_batch(host, mesh, rules), len(host))]
+      else:
+        calls = [(train_step, _device_batch([batch], mesh, rules), 1) for batch in host]
+      for step_fn, device_batch, n in calls:
+        state, metrics = step_fn(state, device_batch)
+        step += n
+        if pending is not None:
+          final = _report(writer, *pending, log_every=config.log_every)
+        now = time.perf_counter()
+        pending, last_time = (step, n, metrics, now - last_time), now
 
       preempted = ckpt.reached_preemption(step)
       save = preempted or step == total_steps or step % config.ckpt.every == 0
       if save:
         # Written before the checkpoint: a run resumed from it starts at the next step.
-        final = _report(writer, *pending, log_every=1)
+        final = _report(writer, *pending, log_every=config.log_every, write_last=True)
         pending = None
         ckpt.save(step, state, data_iter=train_iter, force=True,
                   metadata={"total_steps": total_steps,
@@ -197,17 +207,36 @@ def run(config, workdir: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ helpers
 
 
-def _report(writer, step, metrics, seconds, *, log_every) -> dict:
-  """Reads the metrics of `step` (waits for it) and writes them every `log_every` steps."""
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  values["step_time_s"] = seconds
-  values["tokens_per_s"] = values["tokens"] / seconds if seconds > 0 else 0.0
-  if values["skipped"]:
-    writer.log("step %d: non-finite loss or gradient, update skipped (%d so far)", step,
-               int(values["skipped_total"]))
-  if step % log_every == 0 or values["skipped"]:
-    writer.write(step, values)
+def _report(writer, last_step, n, metrics, seconds, *, log_every, write_last=False) -> dict:
+  """Reads the metrics of the `n` steps up to `last_step` (waits for them; with n > 1 each has
+  a leading axis of n) and writes those of every `log_every`-th step, of skipped steps and
+  (write_last) of the last. Returns the last step's."""
+  fetched = jax.device_get(metrics)
+  for i in range(n):
+    step = last_step - n + 1 + i
+    values = {k: float(v[i] if n > 1 else v) for k, v in fetched.items()}
+    values["step_time_s"] = seconds / n
+    values["tokens_per_s"] = values["tokens"] * n / seconds if seconds > 0 else 0.0
+    if values["skipped"]:
+      writer.log("step %d: non-finite loss or gradient, update skipped (%d so far)", step,
+                 int(values["skipped_total"]))
+    if step % log_every == 0 or values["skipped"] or (write_last and step == last_step):
+      writer.write(step, values)
   return values
+
+
+def _steps_in_call(step: int, total_steps: int, config) -> int:
+  """config.steps_per_call, or 1 where that many steps would run past a checkpoint, an
+  evaluation or the end."""
+  every = [config.ckpt.every] + ([config.eval.every] if config.eval.every > 0 else [])
+  stop = min([total_steps] + [(step // e + 1) * e for e in every])
+  return config.steps_per_call if step + config.steps_per_call <= stop else 1
+
+
+def _same_shapes(batches: list[dict]) -> bool:
+  """Whether the host batches can be stacked into one call (same entries, same shapes)."""
+  shapes = [jax.tree.map(np.shape, sft.device_batch(b)) for b in batches]
+  return all(s == shapes[0] for s in shapes[1:])
 
 
 def parse_dtype(name: str):
@@ -216,8 +245,19 @@ def parse_dtype(name: str):
   return DTYPES[name]
 
 
-def _device_batch(batch: dict, mesh, rules) -> dict:
-  batch = sft.device_batch(batch)
+def _device_batch(batches: list[dict], mesh, rules) -> dict:
+  """Host batches -> one global batch; several (of equal shapes) stacked on a new leading axis,
+  one step each."""
+  batches = [_global_indices(sft.device_batch(b)) for b in batches]
+  if len(batches) == 1:
+    return sharding.shard_batch(batches[0], mesh, rules=rules)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  dims = {k: sharding.DEFAULT_BATCH_DIMS.get(k, 0) for k in stacked}
+  return sharding.shard_batch(stacked, mesh, rules=rules,
+                              batch_dims={k: None if d is None else d + 1 for k, d in dims.items()})
+
+
+def _global_indices(batch: dict) -> dict:
   if jax.process_count() > 1 and "vision_inputs" in batch:
     # Each process indexed its own patches from 0; in the global batch they follow those of
     # the processes before it.
@@ -226,7 +266,7 @@ def _device_batch(batch: dict, mesh, rules) -> dict:
     before = sizes[:jax.process_index()].sum(axis=0)
     batch["vision_inputs"] = vision.shift_vision_inputs(
         inputs, patches=before[0], window_slots=before[1], full_slots=before[2])
-  return sharding.shard_batch(batch, mesh, rules=rules)
+  return batch
 
 
 def split_params(model) -> tuple[nnx.GraphDef, dict]:

@@ -95,7 +95,8 @@ def loss_fn(logits: jax.Array, input_ids: jax.Array,
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
                     compute_dtype=None, remat_policy: str | None = None,
-                    state_sharding: PyTree | None = None, loss_chunk: int = 0) -> Callable:
+                    state_sharding: PyTree | None = None, loss_chunk: int = 0,
+                    steps_per_call: int = 1) -> Callable:
   """jit(step)(state, batch) -> (state, metrics); `state` is donated.
 
   compute_dtype: dtype of the weights in the forward (e.g. jnp.bfloat16); the
@@ -104,7 +105,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
     (e.g. 'dots_with_no_batch_dims_saveable'); per-layer remat is the model's.
   state_sharding: the TrainState's shardings, kept for the output state.
   loss_chunk: tokens per LM-head + loss chunk (`token_logprobs`); 0: all at once.
+  steps_per_call: > 1 makes one program of that many steps (a `lax.scan`): every batch leaf
+    then has a leading axis of steps_per_call (one batch per step), and so has every metric.
+    On CPU this saves the per-call allocation of the step's temporary buffers.
   """
+  if steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+
   def loss_of_params(params, batch):
     nll, hit = token_nll_and_hit(graphdef, optim.cast_floating(params, compute_dtype), batch,
                                  loss_chunk=loss_chunk)
@@ -120,7 +127,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optim.Optimizer, *,
     tokens = batch["attention_mask"].sum()
     return state, {"loss": loss, "tokens": tokens, **aux, **info}
 
-  return jax.jit(step, donate_argnums=0)
+  if steps_per_call == 1:
+    return jax.jit(step, donate_argnums=0)
+
+  def steps(state: optim.TrainState, batches: dict):
+    return jax.lax.scan(step, state, batches, length=steps_per_call)
+
+  return jax.jit(steps, donate_argnums=0)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, compute_dtype=None, loss_chunk: int = 0) -> Callable:

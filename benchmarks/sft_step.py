@@ -74,7 +74,7 @@ _STEPS_PER_CALL = flags.DEFINE_integer(
     "steps_per_call", 1, "Steps per program call (the trainer's config.steps_per_call: a scan "
     "over that many batches).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compilation.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_gflops", 0.0,
                            "Peak float32 GFLOP/s of the machine (0: measured in this job).")
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the HF and Tunix training benchmarks.")

@@ -252,9 +252,9 @@ def _device_batch(batches: list[dict], mesh, rules) -> dict:
   if len(batches) == 1:
     return sharding.shard_batch(batches[0], mesh, rules=rules)
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-  dims = {k: sharding.DEFAULT_BATCH_DIMS.get(k, 0) for k in stacked}
+  dims = {k: sharding.DEFAULT_BATCH_DIMS.get(k, 0) for k in stacked}  # each step's example dim
   return sharding.shard_batch(stacked, mesh, rules=rules,
-                              batch_dims={k: None if d is None else d + 1 for k, d in dims.items()})
+                              batch_dims={k: d if d is None else d + 1 for k, d in dims.items()})
 
 
 def _global_indices(batch: dict) -> dict:

@@ -166,6 +166,41 @@ def test_resume_after_kill_inside_task_two(shared, sft_run):
   assert [m["step"] for m in metrics] == list(range(1, SFT_STEPS + 1))
 
 
+def test_sft_steps_per_call_runs_task_one_as_one_program(shared, sft_run, monkeypatch):
+  """sft.steps_per_call=2: task 1's two steps in one scan program end where the reference's
+  one step per call does (a different program: within float tolerance), with the same
+  per-step losses, hook calls and checkpoint."""
+  reference_dir = sft_run[0]
+  calls, step_calls = [], train_loop.step_calls
+
+  def recorded_step_calls(*args):
+    out = step_calls(*args)
+    calls.append([n for _, _, n in out])
+    return out
+
+  monkeypatch.setattr(train_loop, "step_calls", recorded_step_calls)
+  c = micro_config(shared, "sft")
+  c.sft.steps_per_call, c.ckpt.every, c.log_every = 2, 2, 1
+  method, c = loop.resolve_method(c)
+  workdir, hook = shared / "sft_per_call", Recorder()
+  setup = loop._setup(c, str(workdir), hook, method)
+  params = loop.train_sft_stage(setup, loop._initial_params(setup), [TASKS[0]], 0,
+                                str(workdir / "stage"), epochs=1.0)
+  assert calls == [[2]] and hook.calls == [(0, 1), (0, 2)]
+  reference = checkpoint_lib.restore_params(reference_dir / "stages/0_pathvqa/checkpoints", None)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=0)
+  got = writer_lib.read_metrics(workdir / "stage")
+  want = writer_lib.read_metrics(reference_dir / "stages" / "0_pathvqa")
+  assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2]
+  np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in want], rtol=1e-5)
+  assert checkpoint_lib.Checkpointer(workdir / "stage/checkpoints",
+                                     handle_sigterm=False).latest_step() == 2
+  c.sft.steps_per_call = 0
+  with pytest.raises(ValueError, match="sft.steps_per_call must be >= 1, got 0"):
+    loop.run(c, str(shared / "bad_per_call"))
+
+
 def test_rft_resume_and_metrics(shared):
   """RFT stages log GRPO metrics (reward variance, KL reference forwards), write the variance
   plot, and a kill inside task 2 resumes to the same weights (rollout keys come from the

@@ -76,18 +76,29 @@ def test_stacked_batches_keep_the_example_dim_sharded(mesh):
   for key, dim in (("input_ids", 0), ("loss_mask", 0), ("position_ids", 1)):
     assert stacked[key].sharding.spec[dim + 1] == single[key].sharding.spec[dim], key
     assert stacked[key].sharding.spec[0] is None
-  assert loop._same_shapes([batch, other])
-  assert not loop._same_shapes([batch, {**batch, "input_ids": ids[:, :5]}])
+  one, multi = object(), object()
+  [(fn, device_batch, n)] = loop.step_calls([batch, other], one, multi, mesh, None)
+  assert (fn, n) == (multi, 2) and device_batch["input_ids"].shape == (2, 4, 6)
+  shorter = {**batch, "input_ids": ids[:, :5]}
+  calls = loop.step_calls([batch, shorter], one, multi, mesh, None)
+  assert [(fn, b["input_ids"].shape, n) for fn, b, n in calls] == [(one, (4, 6), 1),
+                                                                   (one, (4, 5), 1)]
 
 
 def test_steps_in_call_stop_at_checkpoints_evaluations_and_the_end():
-  config = ConfigDict({"steps_per_call": 4, "ckpt": {"every": 10}, "eval": {"every": 8}})
   runs, step = [], 0
   while step < 14:
-    n = loop._steps_in_call(step, 14, config)
+    n = loop.steps_in_call(step, 14, 4, every=[10, 8])
     runs.append(n)
     step += n
   # 0-4, 4-8 (evaluation at 8), singles to the checkpoint at 10, 10-14 (the end).
   assert runs == [4, 4, 1, 1, 4]
-  config.eval.every = -1
-  assert loop._steps_in_call(8, 14, config) == 1 and loop._steps_in_call(10, 14, config) == 4
+  assert loop.steps_in_call(8, 14, 4, every=[10]) == 1
+  assert loop.steps_in_call(10, 14, 4, every=[10]) == 4
+  assert loop.steps_in_call(0, 14, 1, every=[10]) == 1
+
+
+def test_steps_per_call_below_one_is_named(tmp_path):
+  config = ConfigDict(dict(compute_dtype="float32", steps_per_call=0))
+  with pytest.raises(ValueError, match="steps_per_call must be >= 1, got 0"):
+    loop.run(config, str(tmp_path))

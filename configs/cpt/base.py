@@ -46,6 +46,8 @@ def cpt_config() -> ml_collections.ConfigDict:
       batch_size=64,            # chosen (global)
       epochs=1.0, epochs_per_task={},
       total_steps=0,            # > 0: steps per stage, overriding epochs
+      steps_per_call=1,         # steps per compiled call (a scan over equally shaped batches;
+                                # on CPU it saves the per-call temp-buffer allocation)
       optim=common.optim_config(lr=1e-5, schedule="cosine", warmup_ratio=0.1,
                                 weight_decay=0.0, grad_clip_norm=1.0),
   )

@@ -47,6 +47,7 @@ relevant sections (`SETTINGS`) differ from the run it holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -194,6 +195,7 @@ def _settings(config) -> dict[str, Any]:
     value = config[key]
     out[key] = json.loads(value.to_json()) if hasattr(value, "to_json") else value
   out["data"].pop("num_workers")  # how fast, not what
+  out["sft"].pop("steps_per_call", None)
   out["eval"].pop("zero_shot")
   return out
 
@@ -560,25 +562,37 @@ def train_sft_stage(setup: Setup, params: PyTree, tasks: Sequence[str], stage: i
     optimizer = optim.make_optimizer(s.optim, setup.abstract_params,
                                      max(1, total_steps // s.optim.grad_accum_steps))
     abstract_state, state_sh, init = _state_programs(setup, optimizer)
-    step_fn = sft.make_train_step(setup.graphdef, optimizer, compute_dtype=setup.compute_dtype,
-                                  remat_policy=config.remat_policy or None,
-                                  state_sharding=state_sh, loss_chunk=config.loss_chunk)
-    _PROGRAMS[key] = (abstract_state, init, step_fn)
-  abstract_state, init, step_fn = _PROGRAMS[key]
-
-  def device_batch(batch):
-    return sharding.shard_batch(sft.device_batch(batch), setup.mesh, rules=setup.rules)
+    # make_step(steps_per_call=k): the step program, or k steps as one; each compiled once.
+    make_step = functools.cache(functools.partial(
+        sft.make_train_step, setup.graphdef, optimizer, compute_dtype=setup.compute_dtype,
+        remat_policy=config.remat_policy or None, state_sharding=state_sh,
+        loss_chunk=config.loss_chunk))
+    _PROGRAMS[key] = (abstract_state, init, make_step)
+  abstract_state, init, make_step = _PROGRAMS[key]
+  steps_per_call = s.steps_per_call
+  step_fn = make_step()
+  multi_fn = make_step(steps_per_call=steps_per_call) if steps_per_call > 1 else None
 
   def train(state, ckpt, writer):
     step = int(state.step)
     while step < total_steps:
-      state, metrics = step_fn(state, device_batch(next(data_iter)))
-      step += 1
-      if step % config.log_every == 0 or step == total_steps:
-        writer.write(step, jax.device_get(metrics))
+      first = step + 1
+      host = [next(data_iter) for _ in range(
+          sft_loop.steps_in_call(step, total_steps, steps_per_call, [config.ckpt.every]))]
+      for fn, batch, n in sft_loop.step_calls(host, step_fn, multi_fn, setup.mesh, setup.rules):
+        state, metrics = fn(state, batch)
+        logged = [i for i in range(n) if (step + 1 + i) % config.log_every == 0
+                  or step + 1 + i == total_steps]
+        if logged:
+          metrics = jax.device_get(metrics)
+          for i in logged:
+            writer.write(step + 1 + i, metrics if n == 1 else {k: v[i] for k, v in metrics.items()})
+        step += n
+      # After all the batches taken from data_iter: a checkpoint holds its position.
       _maybe_save(ckpt, step, total_steps, state, data_iter, config)
       if setup.on_step is not None:
-        setup.on_step(stage, step)
+        for done in range(first, step + 1):
+          setup.on_step(stage, done)
     return state
 
   return _run_stage(setup, params, stage, stage_dir, abstract_state, init, data_iter,
@@ -890,6 +904,8 @@ def run(config, workdir: str, *, on_step: StepHook | None = None) -> dict[str, A
   if method.trainer not in TRAINERS:
     raise ValueError(f"method {config.method!r} names trainer {method.trainer!r}; known: "
                      f"{sorted(TRAINERS)}")
+  if config.sft.steps_per_call < 1:
+    raise ValueError(f"sft.steps_per_call must be >= 1, got {config.sft.steps_per_call}")
   tasks, general = list(config.tasks), list(config.general)
   if not tasks:
     raise ValueError("config.tasks is empty: name the task sequence")

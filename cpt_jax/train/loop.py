@@ -168,12 +168,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   last_time = time.perf_counter()
   with sharding.use_mesh(mesh, rules):
     while step < total_steps:
-      host = [next(train_iter) for _ in range(_steps_in_call(step, total_steps, config))]
-      if len(host) > 1 and _same_shapes(host):
-        calls = [(multi_step, _device_batch(host, mesh, rules), len(host))]
-      else:
-        calls = [(train_step, _device_batch([batch], mesh, rules), 1) for batch in host]
-      for step_fn, device_batch, n in calls:
+      every = [config.ckpt.every] + ([config.eval.every] if config.eval.every > 0 else [])
+      host = [next(train_iter)
+              for _ in range(steps_in_call(step, total_steps, config.steps_per_call, every))]
+      for step_fn, device_batch, n in step_calls(host, train_step, multi_step, mesh, rules):
         state, metrics = step_fn(state, device_batch)
         step += n
         if pending is not None:
@@ -225,12 +223,23 @@ def _report(writer, last_step, n, metrics, seconds, *, log_every, write_last=Fal
   return values
 
 
-def _steps_in_call(step: int, total_steps: int, config) -> int:
-  """config.steps_per_call, or 1 where that many steps would run past a checkpoint, an
-  evaluation or the end."""
-  every = [config.ckpt.every] + ([config.eval.every] if config.eval.every > 0 else [])
+def steps_in_call(step: int, total_steps: int, steps_per_call: int,
+                  every: list[int]) -> int:
+  """steps_per_call, or 1 where that many steps after `step` would pass `total_steps` or a
+  multiple of one of `every` (checkpoint and evaluation periods): calls end at those steps."""
   stop = min([total_steps] + [(step // e + 1) * e for e in every])
-  return config.steps_per_call if step + config.steps_per_call <= stop else 1
+  return steps_per_call if step + steps_per_call <= stop else 1
+
+
+def step_calls(host: list[dict], one_step: Callable, multi_step: Callable | None, mesh,
+               rules) -> list[tuple[Callable, dict, int]]:
+  """(step function, device batch, steps) of each call that runs the host SFT batches in
+  order: one call of `multi_step` over them all where there are several of the same shapes
+  (it runs len(host) steps), else one call of `one_step` per batch (length buckets, image
+  sizes)."""
+  if len(host) > 1 and _same_shapes(host):
+    return [(multi_step, _device_batch(host, mesh, rules), len(host))]
+  return [(one_step, _device_batch([batch], mesh, rules), 1) for batch in host]
 
 
 def _same_shapes(batches: list[dict]) -> bool:

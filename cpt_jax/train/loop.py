@@ -166,11 +166,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   # devices; step_time_s is the wall time between consecutive calls over their steps.
   pending, final, preempted = None, {}, False
   last_time = time.perf_counter()
+  call_ends_every = [config.ckpt.every] + ([config.eval.every] if config.eval.every > 0 else [])
   with sharding.use_mesh(mesh, rules):
     while step < total_steps:
-      every = [config.ckpt.every] + ([config.eval.every] if config.eval.every > 0 else [])
-      host = [next(train_iter)
-              for _ in range(steps_in_call(step, total_steps, config.steps_per_call, every))]
+      host = [next(train_iter) for _ in range(
+          steps_in_call(step, total_steps, config.steps_per_call, call_ends_every))]
       for step_fn, device_batch, n in step_calls(host, train_step, multi_step, mesh, rules):
         state, metrics = step_fn(state, device_batch)
         step += n

@@ -249,13 +249,18 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                        mask: jax.Array | None) -> jax.Array:
   """q [B, K, G, S, D] (`_grouped_queries`), k [B, K, D, T], v [B, K, T, D], mask [B, S, T],
   [B, 1, T] or None -> [B, K, G, S, D]: the layouts of the two batched matmuls."""
+  probs = jax.nn.softmax(_masked_scores(q, k, mask), axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+
+
+def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """q [B, K, G, S, D] x k [B, K, D, T] -> float32 scores [B, K, G, S, T], masked ones at
+  float32's lowest value (a finite fill keeps rows without any visible key NaN-free)."""
   f32 = jnp.float32
   scores = jnp.einsum("bkgsd,bkdt->bkgst", q, k, preferred_element_type=f32)
-  if mask is not None:
-    # A finite fill keeps rows without any visible key (padding queries) NaN-free.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+  if mask is None:
+    return scores
+  return jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
 
 
 @jax.custom_vjp
@@ -271,10 +276,7 @@ def _differentiable_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _differentiable_attention_fwd(q, k, v, mask):
-  f32 = jnp.float32
-  scores = jnp.einsum("bkgsd,bkdt->bkgst", q, k, preferred_element_type=f32)
-  if mask is not None:
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
+  scores = _masked_scores(q, k, mask)
   exp = jnp.exp(scores - scores.max(-1, keepdims=True))
   inv_sum = 1 / exp.sum(-1, keepdims=True)
   out = jnp.einsum("bkgst,bktd->bkgsd", exp.astype(v.dtype), v) * inv_sum.astype(v.dtype)

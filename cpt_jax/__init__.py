@@ -28,7 +28,18 @@ def _cpu_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
+def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """This host's CPU vendor id (Linux: 'GenuineIntel', 'AuthenticAMD', ...; '' elsewhere)."""
+  try:
+    with open(cpuinfo) as f:
+      return next((line.split(":", 1)[1].strip() for line in f
+                   if line.startswith("vendor_id")), "")
+  except OSError:
+    return ""
+
+
 CPU_HAS_AVX512 = _cpu_has_avx512()
+CPU_VENDOR = _cpu_vendor()
 
 import flax  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -52,3 +52,12 @@ def test_cpu_avx512_flag_is_read_from_cpuinfo(tmp_path):
   assert cpt_jax._cpu_has_avx512(str(with_avx512))
   assert not cpt_jax._cpu_has_avx512(str(avx2_only))
   assert not cpt_jax._cpu_has_avx512(str(tmp_path / "missing"))
+
+
+def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+  assert cpt_jax._cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+  (tmp_path / "bare").write_text("processor\t: 0\n")
+  assert cpt_jax._cpu_vendor(str(tmp_path / "bare")) == ""
+  assert cpt_jax._cpu_vendor(str(tmp_path / "missing")) == ""

@@ -349,10 +349,12 @@ def test_greedy_picks_first_maximum_outside_suppressed_ids():
 
 
 def test_default_weight_layout():
-  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES + 1, avx512=True) == "out_in"
-  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES, avx512=True) == "in_out"
-  assert default_weight_layout("cpu", 10 * OUT_IN_MIN_BYTES, avx512=False) == "in_out"
-  assert default_weight_layout("tpu", 10 * OUT_IN_MIN_BYTES, avx512=True) == "in_out"
+  intel, amd = "GenuineIntel", "AuthenticAMD"
+  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES + 1, avx512=True, vendor=intel) == "out_in"
+  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES, avx512=True, vendor=intel) == "in_out"
+  assert default_weight_layout("cpu", 10 * OUT_IN_MIN_BYTES, avx512=False, vendor=intel) == "in_out"
+  assert default_weight_layout("cpu", 10 * OUT_IN_MIN_BYTES, avx512=True, vendor=amd) == "in_out"
+  assert default_weight_layout("tpu", 10 * OUT_IN_MIN_BYTES, avx512=True, vendor=intel) == "in_out"
   assert default_weight_layout("gpu", 10 * OUT_IN_MIN_BYTES) == "in_out"
 
 

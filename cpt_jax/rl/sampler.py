@@ -34,7 +34,7 @@ Rows are grouped by prompt (row i * num_samples + j is sample j of prompt i), so
 reshape to [prompts, num_samples] for group advantages.
 
 Weights are a jit argument (graphdef and state are split once), so `update_weights` after an
-optimiser step reuses the compiled programs. On an AVX-512 CPU, a model of more than
+optimiser step reuses the compiled programs. On an Intel AVX-512 CPU, a model of more than
 `OUT_IN_MIN_BYTES` of weights is decoded from a copy with its kernels stored [out, in]
 (`weight_layout`).
 """
@@ -253,13 +253,13 @@ def default_compiler_options(platform: str, program: str,
   return dict(cpt_jax.YNN_DOTS) if program == "prefill" or avx512 else {}
 
 
-# On AVX-512 CPUs, weights above this size are decoded with kernels stored [out, in]: the
+# On Intel AVX-512 CPUs, weights above this size are decoded with kernels stored [out, in]: the
 # few-row matmuls of a decode step then read each weight row once, which XLA:CPU's YNNPACK dots
-# run faster when the weights stream from memory (100m, 488 MB: 53 vs 64 ms per step in one
-# process); weights that stay in the last-level cache decode faster as stored (small, 20 MB:
-# 2.8 vs 3.7 ms; both on a 105 MiB L3; with a 260 MiB L3, 100m measured the same either way).
-# On the AVX2 EPYC (8 MiB L3) the stored layout was faster for 100m too (in_out 110 vs out_in
-# 102 tokens/s on YNNPACK's dots; Eigen's dots run [out, in] kernels at half speed).
+# run faster there when the weights stream from memory (100m, 488 MB: 53 vs 64 ms per step on a
+# Xeon with a 105 MiB L3); weights that stay in the last-level cache decode faster as stored
+# (small, 20 MB: 2.8 vs 3.7 ms; with a 260 MiB L3, 100m measured the same either way). On AMD
+# EPYCs the stored layout is faster for 100m too: AVX2, 8 MiB L3 110 vs 102 tokens/s; AVX-512
+# (Zen 4), 32 MiB L3 208 / 224 vs 150 / 156 (Eigen's dots run [out, in] kernels at half speed).
 OUT_IN_MIN_BYTES = 128 * 2**20
 
 # Decode steps between checks that every row is done, when the rows span several devices: the
@@ -268,12 +268,14 @@ OUT_IN_MIN_BYTES = 128 * 2**20
 SHARDED_DONE_CHECK_EVERY = 8
 
 
-def default_weight_layout(platform: str, weight_bytes: int, avx512: bool | None = None) -> str:
-  """The Sampler's `weight_layout` for 'auto': 'out_in' on AVX-512 CPUs (`avx512`, default
-  this host's) above OUT_IN_MIN_BYTES, else 'in_out'."""
+def default_weight_layout(platform: str, weight_bytes: int, avx512: bool | None = None,
+                          vendor: str | None = None) -> str:
+  """The Sampler's `weight_layout` for 'auto': 'out_in' on Intel ('GenuineIntel' `vendor`)
+  CPUs with AVX-512 (`avx512`; both default this host's) above OUT_IN_MIN_BYTES, else 'in_out'."""
   avx512 = cpt_jax.CPU_HAS_AVX512 if avx512 is None else avx512
+  intel = (cpt_jax.CPU_VENDOR if vendor is None else vendor) == "GenuineIntel"
   big = weight_bytes > OUT_IN_MIN_BYTES
-  return "out_in" if platform == "cpu" and avx512 and big else "in_out"
+  return "out_in" if platform == "cpu" and avx512 and intel and big else "in_out"
 
 
 def row_devices(mesh: jax.sharding.Mesh | None, rules: sharding.RulesLike = None) -> int:

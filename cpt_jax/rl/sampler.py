@@ -259,7 +259,8 @@ def default_compiler_options(platform: str, program: str,
 # Xeon with a 105 MiB L3); weights that stay in the last-level cache decode faster as stored
 # (small, 20 MB: 2.8 vs 3.7 ms; with a 260 MiB L3, 100m measured the same either way). On AMD
 # EPYCs the stored layout is faster for 100m too: AVX2, 8 MiB L3 110 vs 102 tokens/s; AVX-512
-# (Zen 4), 32 MiB L3 208 / 224 vs 150 / 156 (Eigen's dots run [out, in] kernels at half speed).
+# (Zen 4), 32 MiB L3 208 / 224 vs 150 / 156 (Eigen's dots run [out, in] kernels at
+# half speed or less).
 OUT_IN_MIN_BYTES = 128 * 2**20
 
 # Decode steps between checks that every row is done, when the rows span several devices: the

@@ -14,7 +14,8 @@ Sizes: `small` and `100m` are the text-only Qwen2 shapes of the peer benchmarks
 Prompts are random tokens; rewards come from grading the decoded token ids against random
 answers with the paper's reward, so that grading costs what it costs, and the groups are given
 random 0/1 accuracies so that advantages are non-zero (the update cost does not depend on
-their values). Float32, AdamW, KL on (low_var_kl), recompute pi_old.
+their values). Float32, AdamW, KL on (low_var_kl), recompute pi_old. --keep_host_heap keeps
+the malloc heap as the trainer does with that flag (`cpt_jax.host_memory`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 import cpt_jax  # noqa: F401  (flax eager sharding off)
-from cpt_jax import sharding
+from cpt_jax import host_memory, sharding
 from cpt_jax.models import ModelConfig, TextConfig, init_from_config
 from cpt_jax.rl import grpo, rewards, rollout
 from cpt_jax.rl.sampler import Sampler
@@ -50,6 +51,9 @@ _LAYOUT = flags.DEFINE_enum(
     "data_parallel: one XLA CPU device per core, the batch split over them, weights replicated "
     "(what the README recommends for rollouts of small models on a CPU host).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed iterations.")
+_KEEP_HEAP = flags.DEFINE_bool(
+    "keep_host_heap", False, "Keep the malloc heap (cpt_jax.host_memory.keep_heap), as the "
+    "trainer does with --keep_host_heap.")
 
 SIZES = {
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
@@ -93,6 +97,7 @@ class _Tokens:
 
 def main(argv) -> None:
   del argv
+  heap_kept = _KEEP_HEAP.value and host_memory.keep_heap()  # before the backend starts
   mesh = rules = None
   if _LAYOUT.value == "data_parallel":
     jax.config.update("jax_num_cpu_devices", os.cpu_count())  # before the backend starts
@@ -163,7 +168,7 @@ def main(argv) -> None:
       **median,
       "rollout_tokens_per_s": rows * _NEW.value / median["rollout_s"],
       "update_tokens_per_s": rows * (_PROMPT_LEN.value + _NEW.value) / median["update_s"],
-      "grading_s": grading_s, "repeats": _REPEATS.value,
+      "grading_s": grading_s, "repeats": _REPEATS.value, "host_heap_kept": heap_kept,
   }
   print(json.dumps(result, indent=2))
   with open(_OUT.value, "w") as f:

@@ -8,7 +8,10 @@ state donated). Compilation is timed apart (ahead of time), then `--warmup` unti
 runs, then `--repeats` timed runs of `--calls` program calls each; the median is reported.
 A call runs `--steps_per_call` steps: with more than one, the trainer's `steps_per_call`
 program (a scan over that many batches; here the same batch), which on CPU allocates the
-step's temporary buffers once per call rather than once per step.
+step's temporary buffers once per call rather than once per step. With --keep_host_heap our
+process keeps its malloc heap as the trainer does with that flag (`cpt_jax.host_memory`), so
+those buffers reuse the pages of the call before instead of faulting them in anew; the peers
+run with glibc's defaults unless --peers_keep_heap gives them PEERS_HEAP_TUNABLES.
 
 FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
 the matmul weights (every weight of rank >= 2 but the embedding table, which is a lookup;
@@ -53,7 +56,7 @@ from flax import nnx
 
 import cpt_jax
 from peak import matmul_peak_gflops
-from cpt_jax import models
+from cpt_jax import host_memory, models
 from cpt_jax.train import optim, sft
 
 SIZES = {
@@ -79,8 +82,18 @@ _PEAK = flags.DEFINE_float("peak_gflops", 0.0,
                            "Peak float32 GFLOP/s of the machine (0: measured in this job).")
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the HF and Tunix training benchmarks.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the comparison of every size is repeated.")
+_KEEP_HEAP = flags.DEFINE_bool(
+    "keep_host_heap", False, "Our process keeps its malloc heap (cpt_jax.host_memory.keep_heap), "
+    "as the trainer does with --keep_host_heap.")
+_PEERS_KEEP_HEAP = flags.DEFINE_bool(
+    "peers_keep_heap", False, "Run the peers with the malloc settings PEERS_HEAP_TUNABLES.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts.")
+# What comes nearest to host_memory.keep_heap for a process from its environment: one malloc heap
+# for every thread, as JAX's dispatch setting is no environment variable (for our small step it
+# is 10-20% slower than keep_heap: the threads contend for the heap's lock).
+PEERS_HEAP_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                       f"glibc.malloc.trim_threshold={2**63}")
 # peer -> (script, workload, the result key holding tokens_per_s)
 PEERS = {"hf": ("hf_bench.py", "train", "train"),
          "tunix": ("tunix_bench.py", "train_step", "train_plain_nnx_step")}
@@ -243,6 +256,8 @@ def run_peer(peer: str, size: str) -> dict:
   # The peers run without the XLA flags cpt_jax sets for itself.
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
       cpt_jax.XLA_CPU_FLAGS, "").strip()}
+  if _PEERS_KEEP_HEAP.value:
+    env["GLIBC_TUNABLES"] = PEERS_HEAP_TUNABLES
   proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode or not lines:
@@ -263,6 +278,7 @@ def main(argv):
     raise app.UsageError(f"unknown sizes {unknown}; known: {sorted(SIZES) + sorted(VL_SIZES)}")
   if _ROUNDS.value < 1:
     raise app.UsageError(f"--rounds must be >= 1, got {_ROUNDS.value}")
+  heap_kept = _KEEP_HEAP.value and host_memory.keep_heap()  # before the backend starts
   peaks = matmul_peak_gflops(_PEER_PYTHON.value if _PEERS.value else None)
   peak = _PEAK.value or max(peaks.values())
   print(json.dumps({"matmul_gflops": peaks, "peak_gflops": peak}), flush=True)
@@ -288,6 +304,7 @@ def main(argv):
               flush=True)
     # Written after every round: a crash late in a long job keeps the rounds already done.
     report = dict(matmul_gflops=peaks, peak_gflops=peak, rounds=round_index + 1,
+                  host_heap_kept=heap_kept, peers_keep_heap=_PEERS_KEEP_HEAP.value,
                   results=list(results.values()), load_1min_end=os.getloadavg()[0])
     if _PEERS.value:
       report["peers"] = peers

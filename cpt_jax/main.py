@@ -15,7 +15,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cpt_jax import distributed
+from cpt_jax import distributed, host_memory
 
 # job name -> "module:function"
 JOBS: dict[str, str] = {
@@ -28,6 +28,11 @@ JOBS: dict[str, str] = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_KEEP_HOST_HEAP = flags.DEFINE_bool(
+    "keep_host_heap", False, "When the programs run on the CPU, keep freed memory in the malloc "
+    "heap and run them on this thread (cpt_jax.host_memory): no page faults on each step's "
+    "temporaries (100m SFT step 1.2-1.25x faster), but data loading no longer overlaps a step "
+    "and the resident set grows (a tiny model's loop 10-30% slower).")
 
 
 def register_job(name: str, target: str) -> None:
@@ -58,6 +63,8 @@ def main(argv) -> None:
     raise app.UsageError("--config is required")
   check_job(config.job)
   # Before anything touches a device (a job module may, on import).
+  if _KEEP_HOST_HEAP.value and host_memory.xla_runs_on_cpu():
+    host_memory.keep_heap()
   distributed.initialize()
   job = get_job(config.job)
   logging.info("job %s, workdir %s, config:\n%s", config.job, _WORKDIR.value, config)

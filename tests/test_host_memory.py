@@ -1,0 +1,98 @@
+"""cpt_jax.host_memory: after keep_heap, a program's temporaries reuse the pages of the call
+before (page faults counted by the kernel, ru_minflt), and the user's own malloc settings win."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from cpt_jax import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMP_MIB = 128
+
+# Calls a one-device program with a 128 MiB temporary (exp(x), reversed) ten times; prints the
+# page faults of each call.
+_CALLS = f"""
+import json, resource, sys
+if sys.argv[1] == "keep_heap":
+  from cpt_jax import host_memory
+  assert host_memory.keep_heap()
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+f = jax.jit(lambda x: (jnp.exp(x)[::-1] * x).sum() + jnp.exp(x).sum())
+assert f.lower(x).compile().memory_analysis().temp_size_in_bytes >= {TEMP_MIB} * 2**20
+faults = []
+for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+def _call_faults(mode: str) -> list[int]:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", *host_memory.MALLOC_ENV_VARS)}
+  out = subprocess.run([sys.executable, "-c", _CALLS, mode], cwd=ROOT, check=True, text=True,
+                       capture_output=True, env={**env, "JAX_PLATFORMS": "cpu"}).stdout
+  return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="glibc malloc only")
+def test_a_programs_temporaries_reuse_the_pages_of_the_call_before():
+  pages = TEMP_MIB * 2**20 // os.sysconf("SC_PAGE_SIZE")
+  default = _call_faults("default")
+  kept = _call_faults("keep_heap")
+  refaulted = lambda faults: sum(f > pages / 2 for f in faults[1:])  # of the 9 later calls
+  # glibc maps a block this large apart and unmaps it when freed: every call faults anew.
+  assert refaulted(default) == 9, (default, pages)
+  # Kept in the heap: most later calls fault nothing in (now and then one lands beside a freed
+  # block that small allocations have cut into, and grows the heap).
+  assert refaulted(kept) <= 4, (kept, pages)
+
+
+@pytest.mark.parametrize("environ, found", [
+    ({}, []),
+    ({"MALLOC_ARENA_MAX": "2"}, ["MALLOC_ARENA_MAX=2"]),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, ["GLIBC_TUNABLES=glibc.malloc.hugetlb=1"]),
+    ({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, []),
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, ["LD_PRELOAD=/usr/lib/libjemalloc.so.2"]),
+    ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4", "MALLOC_TRIM_THRESHOLD_": "0"},
+     ["MALLOC_TRIM_THRESHOLD_=0", "LD_PRELOAD=/usr/lib/libtcmalloc.so.4"]),
+])
+def test_user_malloc_settings(environ, found):
+  assert host_memory.user_malloc_settings(environ) == found
+
+
+@pytest.mark.parametrize("platforms, plugins, on_cpu", [
+    ("cpu", ["cuda"], True),
+    ("cuda,cpu", [], False),
+    ("tpu", [], False),
+    ("", [], True),
+    ("", ["cuda"], False),
+    ("", ["libtpu"], False),
+])
+def test_xla_runs_on_cpu(platforms, plugins, on_cpu):
+  assert host_memory.xla_runs_on_cpu(platforms, plugins) is on_cpu
+
+
+def test_keep_heap_after_the_backend_started_does_nothing_and_says_why(caplog, monkeypatch):
+  for var in ("GLIBC_TUNABLES", "LD_PRELOAD", *host_memory.MALLOC_ENV_VARS):
+    monkeypatch.delenv(var, raising=False)
+  jax.devices()
+  with caplog.at_level(logging.WARNING, logger="cpt_jax.host_memory"):
+    assert not host_memory.keep_heap()
+  assert "backend has already started" in caplog.text or "not glibc" in caplog.text
+
+
+def test_keep_heap_leaves_a_user_setting_alone(caplog, monkeypatch):
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+  with caplog.at_level(logging.WARNING, logger="cpt_jax.host_memory"):
+    assert not host_memory.keep_heap()
+  assert "MALLOC_ARENA_MAX=4" in caplog.text or "not glibc" in caplog.text

@@ -80,13 +80,16 @@ def keep_heap() -> bool:
   asynchronous dispatch on the CPU (`jax_cpu_enable_async_dispatch`); True if it did.
 
   Must run before the JAX backend starts, which reads the dispatch setting once. Does nothing,
-  and says why in the log, off glibc, when the environment configures malloc
-  (`user_malloc_settings`: the user's choice wins) or when the backend has started.
+  and says why in the log, when the programs will not run on the CPU (`xla_runs_on_cpu`), off
+  glibc, when the environment configures malloc (`user_malloc_settings`: the user's choice
+  wins) or when the backend has started.
   """
   from jax._src import xla_bridge  # no public way to ask without starting a backend
   reason = None
   libc = _glibc()
-  if libc is None:
+  if not xla_runs_on_cpu():
+    reason = "the programs will not run on the CPU"
+  elif libc is None:
     reason = "not glibc"
   elif user := user_malloc_settings():
     reason = f"the environment configures malloc ({', '.join(user)})"

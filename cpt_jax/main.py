@@ -63,7 +63,7 @@ def main(argv) -> None:
     raise app.UsageError("--config is required")
   check_job(config.job)
   # Before anything touches a device (a job module may, on import).
-  if _KEEP_HOST_HEAP.value and host_memory.xla_runs_on_cpu():
+  if _KEEP_HOST_HEAP.value:
     host_memory.keep_heap()
   distributed.initialize()
   job = get_job(config.job)

@@ -14,8 +14,8 @@ Sizes: `small` and `100m` are the text-only Qwen2 shapes of the peer benchmarks
 Prompts are random tokens; rewards come from grading the decoded token ids against random
 answers with the paper's reward, so that grading costs what it costs, and the groups are given
 random 0/1 accuracies so that advantages are non-zero (the update cost does not depend on
-their values). Float32, AdamW, KL on (low_var_kl), recompute pi_old. --keep_host_heap keeps
-the malloc heap as the trainer does with that flag (`cpt_jax.host_memory`).
+their values). Float32, AdamW, KL on (low_var_kl), recompute pi_old. The malloc heap is kept
+as the trainer keeps it by default on the CPU (`cpt_jax.host_memory`; --nokeep_host_heap: not).
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ _LAYOUT = flags.DEFINE_enum(
     "(what the README recommends for rollouts of small models on a CPU host).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed iterations.")
 _KEEP_HEAP = flags.DEFINE_bool(
-    "keep_host_heap", False, "Keep the malloc heap (cpt_jax.host_memory.keep_heap), as the "
-    "trainer does with --keep_host_heap.")
+    "keep_host_heap", True, "Keep the malloc heap (cpt_jax.host_memory.keep_heap), as the "
+    "trainer does by default on the CPU.")
 
 SIZES = {
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,

@@ -8,9 +8,9 @@ state donated). Compilation is timed apart (ahead of time), then `--warmup` unti
 runs, then `--repeats` timed runs of `--calls` program calls each; the median is reported.
 A call runs `--steps_per_call` steps: with more than one, the trainer's `steps_per_call`
 program (a scan over that many batches; here the same batch), which on CPU allocates the
-step's temporary buffers once per call rather than once per step. With --keep_host_heap our
-process keeps its malloc heap as the trainer does with that flag (`cpt_jax.host_memory`), so
-those buffers reuse the pages of the call before instead of faulting them in anew; the peers
+step's temporary buffers once per call rather than once per step. Our process keeps its malloc
+heap as the trainer does by default on the CPU (`cpt_jax.host_memory`; --nokeep_host_heap: not),
+so those buffers reuse the pages of the call before instead of faulting them in anew; the peers
 run with glibc's defaults unless --peers_keep_heap gives them PEERS_HEAP_TUNABLES.
 
 FLOPs per token (PaLM appendix B): 6 * N + 12 * layers * heads * head_dim * seq, with N
@@ -83,8 +83,8 @@ _PEAK = flags.DEFINE_float("peak_gflops", 0.0,
 _PEERS = flags.DEFINE_bool("peers", False, "Also run the HF and Tunix training benchmarks.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the comparison of every size is repeated.")
 _KEEP_HEAP = flags.DEFINE_bool(
-    "keep_host_heap", False, "Our process keeps its malloc heap (cpt_jax.host_memory.keep_heap), "
-    "as the trainer does with --keep_host_heap.")
+    "keep_host_heap", True, "Our process keeps its malloc heap (cpt_jax.host_memory.keep_heap), "
+    "as the trainer does by default on the CPU.")
 _PEERS_KEEP_HEAP = flags.DEFINE_bool(
     "peers_keep_heap", False, "Run the peers with the malloc settings PEERS_HEAP_TUNABLES.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".peer-venv/bin/python", "The peers' python.")

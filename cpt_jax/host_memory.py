@@ -1,4 +1,5 @@
-"""Host memory settings for XLA:CPU programs (`python -m cpt_jax.main --keep_host_heap`).
+"""Host memory settings for XLA:CPU programs (`python -m cpt_jax.main`, on by default; off with
+`--nokeep_host_heap`).
 
 XLA:CPU allocates a program call's temporaries as one block (100m SFT step: 2.6 GiB) and frees
 it when the call ends. glibc serves blocks above 32 MiB with mmap and unmaps them on free, so
@@ -6,12 +7,14 @@ every call page-faults its whole block anew: 692K faults and ~2.1 s of kernel ti
 100m step on a 2-core Zen 4 EPYC. `keep_heap` has glibc map no block apart and return no freed
 memory to the system, and runs single-device programs on the calling thread, so that their
 temporaries come from that thread's heap and reuse the pages of the call before: there the
-100m step took 6.8-7.0 s, the small one with 8 steps per call the same as before. The costs:
-the caller waits for each program, so the trainer no longer prepares the next batch while a
-step runs (the tiny test model's loop: 33-41 vs 30-32 ms per step), and freed memory stays
-resident. (One heap for every thread, glibc.malloc.arena_max=1, reaches the same through XLA's
-own threads with dispatch left asynchronous, but slowed the small step by 10-20%: lock
-contention.) Rollouts do not page-fault either way.
+100m step took 6.8-7.0 s, and the small one (one step per call) ran 1.04-1.15x faster. The cost: freed
+memory stays resident (100m peak 4.8-7.6 GiB instead of 4.9). The caller now waits for each
+program, yet the tiny SFT, RFT and ParetoCL jobs measured the same per step.
+Mallopt alone does not do it: a worker thread's heap cannot hold such a block, so XLA's
+asynchronous dispatch thread maps it apart anyway. (One heap for every thread,
+glibc.malloc.arena_max=1, reaches the same through XLA's own threads with dispatch left
+asynchronous, but slowed the small step by 10-20%: lock contention.) Rollouts do not
+page-fault either way.
 """
 from __future__ import annotations
 
@@ -75,20 +78,24 @@ def _glibc() -> ctypes.CDLL | None:
   return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
+_NOT_ON_CPU = "the programs will not run on the CPU"
+
+
 def keep_heap() -> bool:
   """Applies SETTINGS (module docstring) to this process's glibc malloc and turns off JAX's
   asynchronous dispatch on the CPU (`jax_cpu_enable_async_dispatch`); True if it did.
 
   Must run before the JAX backend starts, which reads the dispatch setting once. Does nothing,
-  and says why in the log, when the programs will not run on the CPU (`xla_runs_on_cpu`), off
-  glibc, when the environment configures malloc (`user_malloc_settings`: the user's choice
-  wins) or when the backend has started.
+  and says why in the log (a warning, except on accelerators, where it is expected), when the
+  programs will not run on the CPU (`xla_runs_on_cpu`), off glibc, when the environment
+  configures malloc (`user_malloc_settings`: the user's choice wins) or when the backend has
+  started.
   """
   from jax._src import xla_bridge  # no public way to ask without starting a backend
   reason = None
   libc = _glibc()
   if not xla_runs_on_cpu():
-    reason = "the programs will not run on the CPU"
+    reason = _NOT_ON_CPU
   elif libc is None:
     reason = "not glibc"
   elif user := user_malloc_settings():
@@ -96,7 +103,8 @@ def keep_heap() -> bool:
   elif xla_bridge.backends_are_initialized():
     reason = "the JAX backend has already started (call keep_heap before any device use)"
   if reason:
-    _log.warning("host heap left as it is: %s", reason)
+    log = _log.info if reason == _NOT_ON_CPU else _log.warning
+    log("host heap left as it is: %s", reason)
     return False
   for param, value in SETTINGS:
     if not libc.mallopt(param, value):

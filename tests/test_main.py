@@ -42,7 +42,7 @@ def shared(tmp_path_factory):
            "--config.data.synthetic.train_size=48", "--config.data.synthetic.test_size=16",
            f"--config.total_steps={TOTAL_STEPS}", "--config.ckpt.every=2", "--config.log_every=1",
            "--config.eval.max_examples=8", "--config.eval.max_new_tokens=4",
-           "--config.eval.every=-1", "--keep_host_heap"]
+           "--config.eval.every=-1"]
   return root, env, flags
 
 
@@ -128,7 +128,7 @@ def test_preempt_kill_resume_matches_uninterrupted_run(shared, reference, tmp_pa
   run = Run(shared, run_dir)
   assert run.finish() == 0, run.text[-3000:]
   assert reference.finish() == 0, reference.text[-3000:]
-  # Both ran with cpt_jax.host_memory's heap (--keep_host_heap): resumes stay bit-identical.
+  # Both ran with cpt_jax.host_memory's heap (the CPU default): resumes stay bit-identical.
   assert "host heap kept" in run.text and "host heap kept" in reference.text
 
   step, params = final_params(run_dir)

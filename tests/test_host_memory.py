@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from cpt_jax import host_memory
@@ -58,6 +59,33 @@ def test_a_programs_temporaries_reuse_the_pages_of_the_call_before():
   # Kept in the heap: most later calls fault nothing in (now and then one lands beside a freed
   # block that small allocations have cut into, and grows the heap).
   assert refaulted(kept) <= 4, (kept, pages)
+
+
+# After keep_heap, a program over 8 CPU devices with an all-reduce still runs them together
+# (the calling thread runs one-device programs only) and gets the sum.
+_MESH = """
+from cpt_jax import host_memory
+assert host_memory.keep_heap()
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+x = jax.device_put(np.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("d")))
+total = jax.jit(jax.shard_map(lambda a: jax.lax.psum((a @ a.T).sum(), "d"), mesh=mesh,
+                              in_specs=P("d"), out_specs=P()))
+print(float(total(x)))
+"""
+
+
+@GLIBC_ONLY
+def test_keep_heap_runs_multi_device_programs_together():
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", *host_memory.MALLOC_ENV_VARS)}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", _MESH], cwd=ROOT, check=True, text=True,
+                       capture_output=True, env=env, timeout=120).stdout
+  rows = np.arange(64.0).reshape(8, 8)
+  # Each device holds one row: the sum of the 8 rows' squared norms.
+  assert float(out.splitlines()[-1]) == float((rows * rows).sum())
 
 
 @pytest.mark.parametrize("environ, found", [

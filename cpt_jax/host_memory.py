@@ -7,9 +7,9 @@ every call page-faults its whole block anew: 692K faults and ~2.1 s of kernel ti
 100m step on a 2-core Zen 4 EPYC. `keep_heap` has glibc map no block apart and return no freed
 memory to the system, and runs single-device programs on the calling thread, so that their
 temporaries come from that thread's heap and reuse the pages of the call before: there the
-100m step took 6.8-7.0 s, and the small one (one step per call) ran 1.04-1.15x faster. The cost: freed
-memory stays resident (100m peak 4.8-7.6 GiB instead of 4.9). The caller now waits for each
-program, yet the tiny SFT, RFT and ParetoCL jobs measured the same per step.
+100m step took 6.8-7.0 s, and the small one (one step per call) ran 1.04-1.15x faster. The
+cost: freed memory stays resident (100m peak 4.8-7.6 GiB instead of 4.9). The caller now waits
+for each program, yet the tiny SFT, RFT and ParetoCL jobs measured the same per step.
 Mallopt alone does not do it: a worker thread's heap cannot hold such a block, so XLA's
 asynchronous dispatch thread maps it apart anyway. (One heap for every thread,
 glibc.malloc.arena_max=1, reaches the same through XLA's own threads with dispatch left

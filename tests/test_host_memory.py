@@ -37,12 +37,18 @@ print(json.dumps(faults))
 """
 
 
-def _call_faults(mode: str) -> list[int]:
+def _run(script: str, *args: str, xla_flags: str = "") -> str:
+  """Last stdout line of `script` in a fresh CPU process, with no malloc settings of the user's."""
   env = {k: v for k, v in os.environ.items()
          if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", *host_memory.MALLOC_ENV_VARS)}
-  out = subprocess.run([sys.executable, "-c", _CALLS, mode], cwd=ROOT, check=True, text=True,
-                       capture_output=True, env={**env, "JAX_PLATFORMS": "cpu"}).stdout
-  return json.loads(out.splitlines()[-1])
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
+  out = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, check=True, text=True,
+                       capture_output=True, env=env, timeout=300).stdout
+  return out.splitlines()[-1]
+
+
+def _call_faults(mode: str) -> list[int]:
+  return json.loads(_run(_CALLS, mode))
 
 
 GLIBC_ONLY = pytest.mark.skipif(host_memory._glibc() is None, reason="glibc malloc only")
@@ -78,14 +84,10 @@ print(float(total(x)))
 
 @GLIBC_ONLY
 def test_keep_heap_runs_multi_device_programs_together():
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", *host_memory.MALLOC_ENV_VARS)}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", _MESH], cwd=ROOT, check=True, text=True,
-                       capture_output=True, env=env, timeout=120).stdout
+  total = float(_run(_MESH, xla_flags="--xla_force_host_platform_device_count=8"))
   rows = np.arange(64.0).reshape(8, 8)
   # Each device holds one row: the sum of the 8 rows' squared norms.
-  assert float(out.splitlines()[-1]) == float((rows * rows).sum())
+  assert total == float((rows * rows).sum())
 
 
 @pytest.mark.parametrize("environ, found", [

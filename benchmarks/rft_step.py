@@ -38,6 +38,7 @@ from cpt_jax.models import ModelConfig, TextConfig, init_from_config
 from cpt_jax.rl import grpo, rewards, rollout
 from cpt_jax.rl.sampler import Sampler
 from cpt_jax.train import optim, rft
+from shapes import SIZES
 
 _OUT = flags.DEFINE_string("out", "rft_step.json", "Where to write the JSON results.")
 _SIZE = flags.DEFINE_enum("size", "small", ["small", "100m", "tiny_vl"], "Model shape.")
@@ -54,14 +55,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed iterations.")
 _KEEP_HEAP = flags.DEFINE_bool(
     "keep_host_heap", True, "Keep the malloc heap (cpt_jax.host_memory.keep_heap), as the "
     "trainer does by default on the CPU.")
-
-SIZES = {
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
-                  num_heads=8, num_kv_heads=2),
-    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
-                 num_heads=12, num_kv_heads=2),
-}
-
 
 def _model_config(size: str) -> ModelConfig:
   if size == "tiny_vl":

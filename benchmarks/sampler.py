@@ -49,6 +49,7 @@ from flax import nnx
 
 import cpt_jax
 from peak import matmul_peak_gflops
+from shapes import BATCH, NEW_TOKENS, PROMPT_LEN, SIZES, text_config
 from cpt_jax import sharding
 from cpt_jax.models import ModelConfig, TextConfig, VisionConfig, init_from_config
 from cpt_jax.rl.sampler import Sampler
@@ -75,14 +76,6 @@ _PEER_DIR = flags.DEFINE_string("peer_dir", "../shared/peers", "The peer scripts
 _XLA_CPU_FLAGS = flags.DEFINE_string(
     "xla_cpu_flags", "", "Appended to XLA_FLAGS before the backend starts.")
 
-# The peers' shapes (../shared/peers/_common.py SIZES): q/k/v bias, RMSNorm eps 1e-6, untied.
-SIZES = {
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
-                  num_heads=8, num_kv_heads=2),
-    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
-                 num_heads=12, num_kv_heads=2),
-}
-BATCH, PROMPT_LEN, NEW_TOKENS = 8, 64, 64
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0)}
 
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -103,15 +96,6 @@ jax.monitoring.register_event_duration_secs_listener(_listen)
 
 def _load() -> float:
   return round(os.getloadavg()[0], 2)
-
-
-def _text_config(size: str) -> ModelConfig:
-  shape = SIZES[size]
-  head_dim = shape["hidden_size"] // shape["num_heads"]
-  # Text-only: the three M-RoPE rows are equal, so any section split is plain RoPE.
-  text = TextConfig(rope_theta=1e6, rms_norm_eps=1e-6, mrope_section=(head_dim // 2, 0, 0),
-                    **shape)
-  return ModelConfig(text=text, vision=None, tie_word_embeddings=False).validate()
 
 
 def _timed(call, warmup: int, repeats: int) -> dict:
@@ -196,7 +180,7 @@ def _placed(config: ModelConfig, layout: str) -> tuple[nnx.Module, dict]:
 def bench_generate(size: str) -> dict:
   """Generate calls of each layout in turn; the faster layout's numbers (mean of greedy and
   sampling) head the result, every layout's are under 'layouts'."""
-  config = _text_config(size)
+  config = text_config(size)
   start = time.perf_counter()
   model = init_from_config(config, 0)
   jax.block_until_ready(jax.tree.leaves(model))
@@ -247,7 +231,7 @@ def bench_long_response(new_tokens: int, size: str = "small", repeats: int = 3) 
   decode steps attend over a cache of up to PROMPT_LEN + new_tokens - 1 slots. The Sampler's
   default cache, which grows in steps (`cache_rooms`), against one cache sized for the whole
   response (cache_growth=None), their calls taken in turn."""
-  config = _text_config(size)
+  config = text_config(size)
   model = init_from_config(config, 0)
   samplers = {name: Sampler(model, max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
                             prompt_buckets=(PROMPT_LEN,), **kw)
@@ -279,7 +263,7 @@ def bench_long_response(new_tokens: int, size: str = "small", repeats: int = 3) 
 
 def _vision_config() -> ModelConfig:
   """The `small` decoder with a 4-block vision tower (hidden 256) in front."""
-  base = _text_config("small")
+  base = text_config("small")
   text = TextConfig(**{**base.text.__dict__, "mrope_section": (4, 6, 6)})
   vision = VisionConfig(depth=4, hidden_size=256, intermediate_size=704, num_heads=4,
                         out_hidden_size=text.hidden_size, fullatt_block_indexes=(3,))
@@ -376,7 +360,7 @@ def main(argv) -> None:
       step_s = result["weight_bytes_per_decode_step"] / (report["memory_bandwidth_gbps"] * 1e9)
       result["weight_read_bound_tokens_per_s"] = round(BATCH / step_s, 1)
       # What the FLOPs of a whole call at the matmul peak would allow, and how close each mode is.
-      flops = flops_per_call(_text_config(size))
+      flops = flops_per_call(text_config(size))
       result["flops_per_call"] = flops
       result["compute_bound_tokens_per_s"] = round(
           BATCH * NEW_TOKENS * report["peak_gflops"] * 1e9 / flops, 1)

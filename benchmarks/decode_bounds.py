@@ -77,8 +77,8 @@ def read_rates(sizes_mb: list[float]) -> dict:
 
 
 def _loop(step, options: dict, *operands):
-  """A jitted fori_loop of STEPS applications of step(x, *operands) -> x, compiled, and a
-  callable that runs it once."""
+  """A callable that runs a jitted fori_loop of STEPS applications of step(x, *operands) -> x
+  (its first call compiles)."""
   run = jax.jit(lambda x, *ops: jax.lax.fori_loop(0, STEPS, lambda _, x: step(x, *ops), x),
                 compiler_options=options)
   x = jnp.ones((ROWS, operands[0].shape[0]) if operands[0].ndim == 2 else (ROWS, 1, 1, 1),
@@ -86,17 +86,17 @@ def _loop(step, options: dict, *operands):
   return lambda: jax.block_until_ready(run(x, *operands))
 
 
-def _alternate(loops: dict, rounds: int) -> dict:
-  """Median microseconds per decode step of each loop, its calls alternating."""
-  for call in loops.values():
+def _alternate(calls: dict, rounds: int) -> dict:
+  """Median seconds of each call, the calls alternating after one untimed (compiling) call each."""
+  for call in calls.values():
     call()
-  times = {name: [] for name in loops}
+  times = {name: [] for name in calls}
   for _ in range(rounds):
-    for name, call in loops.items():
+    for name, call in calls.items():
       start = time.perf_counter()
       call()
       times[name].append(time.perf_counter() - start)
-  return {name: round(1e6 * statistics.median(t) / STEPS, 1) for name, t in times.items()}
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_size(size: str, peak_gflops: float, rounds: int) -> dict:
@@ -142,7 +142,8 @@ def bench_size(size: str, peak_gflops: float, rounds: int) -> dict:
   loops["attention"] = _loop(attend, options, *[a for kv in caches for a in kv])
   tiny = weight((32, 32))
   loops["tiny_dots"] = _loop(lambda x, w: (((x @ w) @ w) @ w) @ w, options, tiny)
-  us = _alternate(loops, rounds)
+  us = {name: round(1e6 * seconds / STEPS, 1)
+        for name, seconds in _alternate(loops, rounds).items()}
 
   weight_bytes = sum(k.nbytes for k in kernels)
   flops = 2 * ROWS * weight_bytes / 4
@@ -172,14 +173,8 @@ def _sampler_step_ms(config, repeats: int = 9) -> float:
     sampler = Sampler(model, max_new_tokens=new, eos_ids=(), pad_id=0,
                       prompt_buckets=(shapes.PROMPT_LEN,))
     calls[new] = lambda s=sampler: s(prompts, mask, key=jax.random.key(0), temperature=0.0)
-    calls[new]()
-  times = {new: [] for new in calls}
-  for _ in range(repeats):
-    for new, call in calls.items():
-      start = time.perf_counter()
-      call()
-      times[new].append(time.perf_counter() - start)
-  full, prefill = (statistics.median(times[n]) for n in (shapes.NEW_TOKENS, 1))
+  seconds = _alternate(calls, repeats)
+  full, prefill = seconds[shapes.NEW_TOKENS], seconds[1]
   return round(1e3 * (full - prefill) / (shapes.NEW_TOKENS - 1), 3)
 
 

@@ -76,13 +76,11 @@ def read_rates(sizes_mb: list[float]) -> dict:
   return out
 
 
-def _loop(step, options: dict, *operands):
+def _loop(step, options: dict, x: jax.Array, *operands):
   """A callable that runs a jitted fori_loop of STEPS applications of step(x, *operands) -> x
-  (its first call compiles)."""
+  from `x` (its first call compiles)."""
   run = jax.jit(lambda x, *ops: jax.lax.fori_loop(0, STEPS, lambda _, x: step(x, *ops), x),
                 compiler_options=options)
-  x = jnp.ones((ROWS, operands[0].shape[0]) if operands[0].ndim == 2 else (ROWS, 1, 1, 1),
-               jnp.float32)
   return lambda: jax.block_until_ready(run(x, *operands))
 
 
@@ -123,9 +121,10 @@ def bench_size(size: str, peak_gflops: float, rounds: int) -> dict:
       h = h + (g[:, :t.intermediate_size] * g[:, t.intermediate_size:]) @ down
     return h + 1e-6 * (h @ ws[-1])[:, :h.shape[1]]
 
-  singles = {f"{i}x{o}": _loop(project, options, weight((i, o)))
+  rows = lambda width: jnp.ones((ROWS, width), jnp.float32)
+  singles = {f"{i}x{o}": _loop(project, options, rows(i), weight((i, o)))
              for i, o in [*layer_shapes, head]}
-  loops = dict(singles, chain=_loop(chain, options, *kernels))
+  loops = dict(singles, chain=_loop(chain, options, rows(t.hidden_size), *kernels))
 
   head_dim = t.hidden_size // t.num_heads
   caches = [(weight((ROWS, t.num_kv_heads, head_dim, CACHE_SLOTS)) * 50,
@@ -134,14 +133,15 @@ def bench_size(size: str, peak_gflops: float, rounds: int) -> dict:
   slots = jnp.ones((ROWS, 1, CACHE_SLOTS), bool)
 
   def attend(x, *kv):
-    q = jnp.broadcast_to(x[:, :1, :1, :1], (ROWS, 1, t.num_heads, head_dim))
+    q = jnp.broadcast_to(x, (ROWS, 1, t.num_heads, head_dim))  # x [ROWS, 1, 1, 1]
     for k, v in zip(kv[::2], kv[1::2]):
       q = q + 1e-3 * layers.attention(q, k, v, mask=slots)
     return x + q[:, :1, :1, :1]
 
-  loops["attention"] = _loop(attend, options, *[a for kv in caches for a in kv])
+  loops["attention"] = _loop(attend, options, jnp.ones((ROWS, 1, 1, 1), jnp.float32),
+                             *[a for kv in caches for a in kv])
   tiny = weight((32, 32))
-  loops["tiny_dots"] = _loop(lambda x, w: (((x @ w) @ w) @ w) @ w, options, tiny)
+  loops["tiny_dots"] = _loop(lambda x, w: (((x @ w) @ w) @ w) @ w, options, rows(32), tiny)
   us = {name: round(1e6 * seconds / STEPS, 1)
         for name, seconds in _alternate(loops, rounds).items()}
 

@@ -56,6 +56,7 @@ _KEEP_HEAP = flags.DEFINE_bool(
     "keep_host_heap", True, "Keep the malloc heap (cpt_jax.host_memory.keep_heap), as the "
     "trainer does by default on the CPU.")
 
+
 def _model_config(size: str) -> ModelConfig:
   if size == "tiny_vl":
     return ModelConfig.tiny(vocab_size=512)

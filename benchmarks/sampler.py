@@ -49,7 +49,7 @@ from flax import nnx
 
 import cpt_jax
 from peak import matmul_peak_gflops
-from shapes import BATCH, NEW_TOKENS, PROMPT_LEN, SIZES, text_config
+from shapes import BATCH, NEW_TOKENS, PROMPT_LEN, text_config
 from cpt_jax import sharding
 from cpt_jax.models import ModelConfig, TextConfig, VisionConfig, init_from_config
 from cpt_jax.rl.sampler import Sampler

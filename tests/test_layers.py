@@ -75,7 +75,8 @@ def test_module_reads_gate_up_and_down_kernels(bias):
                              rtol=1e-4, atol=1e-5)
 
 
-def test_linear_stored_out_in_computes_the_same_with_permuted_names():
+@pytest.mark.parametrize("layout", ["out_in", "blocks"])
+def test_linear_stored_in_a_kernel_layout_computes_the_same(layout):
   # Two input axes (o_proj) and two output axes (a q/k/v projection), with a bias.
   keys = layers.Keys(jax.random.key(0))
   kw = dict(bias=True, dtype=jnp.float32, param_dtype=jnp.float32, keys=keys)
@@ -87,19 +88,36 @@ def test_linear_stored_out_in_computes_the_same_with_permuted_names():
   before = [parent[0](x2), parent[1](x1)]
   np.testing.assert_allclose(before[0], jnp.einsum("bshd,hde->bse", x2, parent[0].kernel[...])
                              + parent[0].bias[...], rtol=1e-5, atol=1e-6)
-  layers.store_kernels_out_in(parent)
-  assert [lin.out_in for lin in parent] == [True, True]
-  assert parent[0].kernel.shape == (5, 3, 4) and parent[1].kernel.shape == (3, 4, 5)
-  assert parent[0].kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
-  assert parent[1].kernel.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
+  layers.store_kernels(parent, layout)
+  assert [lin.kernel_layout for lin in parent] == [layout, layout]
+  if layout == "out_in":
+    assert parent[0].kernel.shape == (5, 3, 4) and parent[1].kernel.shape == (3, 4, 5)
+    assert parent[0].kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+    assert parent[1].kernel.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
+  else:  # [ceil(out / 32), in, 32]
+    assert parent[0].kernel.shape == (1, 12, 32) and parent[1].kernel.shape == (1, 5, 32)
+  stored = [lin.kernel[...] for lin in parent]
   np.testing.assert_allclose(parent[0](x2), before[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(parent[1](x1), before[1], rtol=1e-5, atol=1e-6)
-  layers.store_kernels_out_in(parent)  # already [out, in]: unchanged
-  assert parent[0].kernel.shape == (5, 3, 4)
+  layers.store_kernels(parent, "out_in")  # already stored: unchanged
+  for lin, kernel in zip(parent, stored):
+    assert lin.kernel_layout == layout
+    np.testing.assert_array_equal(lin.kernel[...], kernel)
 
 
+def test_blocks_layout_needs_float32_linears():
+  lin = layers.Linear((4,), (8,), ("embed", "mlp"), bias=False, dtype=jnp.bfloat16,
+                      param_dtype=jnp.float32, keys=layers.Keys(jax.random.key(0)))
+  with pytest.raises(ValueError, match="computes in float32; a Linear computes in bfloat16"):
+    layers.store_kernels(lin, "blocks")
+  with pytest.raises(ValueError, match="kernel layout must be one of"):
+    layers.store_kernels(lin, "columns")
+  assert lin.kernel_layout == "in_out" and lin.kernel.shape == (4, 8)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "blocks"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gated_mlp_stored_out_in_computes_the_same(bias):
+def test_gated_mlp_stored_in_a_kernel_layout_computes_the_same(bias, layout):
   mlp = layers.GatedMLP(D, F, "gelu", bias=bias, dtype=jnp.float32, param_dtype=jnp.float32,
                         keys=layers.Keys(jax.random.key(0)))
   if bias:
@@ -107,6 +125,6 @@ def test_gated_mlp_stored_out_in_computes_the_same(bias):
       p.bias[...] = jax.random.normal(jax.random.key(i + 1), p.bias.shape)
   x = jax.random.normal(jax.random.key(9), (2, 5, D))
   before = mlp(x)
-  layers.store_kernels_out_in(mlp)
-  assert mlp.gate_proj.kernel.shape == (F, D)
+  layers.store_kernels(mlp, layout)
+  assert mlp.gate_proj.kernel.shape == {"out_in": (F, D), "blocks": (-(-F // 32), D, 32)}[layout]
   np.testing.assert_allclose(mlp(x), before, rtol=1e-5, atol=1e-6)

@@ -139,6 +139,7 @@ def test_missing_checkpoint_files(tmp_path):
 
 
 def test_saving_a_decoding_copy_is_an_error(loaded, tmp_path):
-  with pytest.raises(ValueError, match=r"kernels stored \[out, in\]"):
-    save_pretrained(loaded.with_kernels_out_in(), tmp_path / "copy")
+  for layout in ("out_in", "blocks"):
+    with pytest.raises(ValueError, match=f"kernels stored {layout!r}"):
+      save_pretrained(loaded.with_kernel_layout(layout), tmp_path / "copy")
   assert not (tmp_path / "copy").exists()

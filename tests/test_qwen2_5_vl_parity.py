@@ -1,6 +1,8 @@
 """Logits of the Flax Qwen2.5-VL equal Hugging Face's on tiny random checkpoints (float32)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -76,17 +78,29 @@ def test_padded_batch_of_two(window_ckpt, window_model):
   _check_parity(window_ckpt, window_model, rows, grids=grids, side="left")
 
 
-def test_kernels_stored_out_in_compute_the_same_logits(window_ckpt, window_model):
-  """The decoding copy of cpt_jax.rl.sampler (every Linear kernel [out, in], LM head [V, D]),
-  vision tower included, against HF; the original model keeps its layout."""
-  copy = window_model.with_kernels_out_in()
+@pytest.mark.parametrize("layout", ["out_in", "blocks"])
+def test_decoding_copies_compute_the_same_logits(window_ckpt, window_model, layout):
+  """The decoding copies of cpt_jax.rl.sampler (every Linear kernel [out, in] and the LM head
+  [V, D]; or all in float32 column blocks), vision tower included, against HF; the original
+  model keeps its layout."""
+  copy = window_model.with_kernel_layout(layout)
   q_proj = window_model.language_model.layers[0].self_attn.q_proj
   d, h, hd = q_proj.kernel.shape
-  assert copy.language_model.layers[0].self_attn.q_proj.kernel.shape == (h, hd, d)
-  assert copy.visual.blocks[0].attn.qkv.kernel.shape[-1] == copy.config.vision.hidden_size
-  assert copy.lm_head.shape == window_model.lm_head.shape[::-1]
-  assert not window_model.out_in and not q_proj.out_in
-  np.testing.assert_array_equal(copy.head_kernel(), window_model.head_kernel())
+  qkv = window_model.visual.blocks[0].attn.qkv.kernel.shape
+  if layout == "out_in":
+    assert copy.language_model.layers[0].self_attn.q_proj.kernel.shape == (h, hd, d)
+    assert copy.visual.blocks[0].attn.qkv.kernel.shape == (*qkv[1:], qkv[0])
+    assert copy.lm_head.shape == window_model.lm_head.shape[::-1]
+    np.testing.assert_array_equal(copy.head_kernel(), window_model.head_kernel())
+  else:
+    assert copy.language_model.layers[0].self_attn.q_proj.kernel.shape == (-(-h * hd // 32), d, 32)
+    assert copy.visual.blocks[0].attn.qkv.kernel.shape == (-(-math.prod(qkv[1:]) // 32),
+                                                           qkv[0], 32)
+    with pytest.raises(ValueError, match="decoding copy"):
+      copy.head_kernel()
+  assert window_model.kernel_layout == q_proj.kernel_layout == "in_out"
+  with pytest.raises(ValueError, match=f"already {layout!r}"):
+    copy.with_kernel_layout("out_in")
   grids = [(1, 4, 8), (1, 8, 4)]
   rows = [hf_fixtures.prompt_ids(window_ckpt, [grids[0], "What color?"]),
           hf_fixtures.prompt_ids(window_ckpt, ["How many red spheres?", grids[1]])]
@@ -99,7 +113,8 @@ def test_several_full_attention_blocks_and_tied_head(fullatt_ckpt):
   grids = [(1, 6, 10), (1, 4, 4)]
   ids = hf_fixtures.prompt_ids(fullatt_ckpt, [grids[0], "and", grids[1], "What color?"])
   _check_parity(fullatt_ckpt, model, [ids], grids=grids)
-  _check_parity(fullatt_ckpt, model.with_kernels_out_in(), [ids], grids=grids)  # head = embed
+  for layout in ("out_in", "blocks"):  # the head is the embedding table
+    _check_parity(fullatt_ckpt, model.with_kernel_layout(layout), [ids], grids=grids)
 
 
 def test_text_only_qwen2_checkpoint(tmp_path_factory):

@@ -263,27 +263,55 @@ def test_eos_stops_rows_independently(model, sampler, prompt, special, greedy):
   assert late.num_steps == min(1 + 3 * -(-max(stops) // 3), NEW_TOKENS)
 
 
-def test_kernels_out_in_decode_the_same(model, sampler, prompt, special, greedy):
-  """weight_layout='out_in' (the CPU default for large models) decodes from a transposed copy:
-  the same tokens and log-probs, and update_weights re-lays out new weights."""
-  assert sampler.weight_layout == "in_out"  # 'auto' on this tiny model
-  out_in = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
-                   eos_ids=(special["eos"],), pad_id=special["pad"], weight_layout="out_in")
+def test_auto_layout_decodes_from_column_blocks(model, sampler):
+  """On CPU the default sampler (whose greedy tokens equal HF generate's above) decodes from
+  the float32 column blocks of cpt_jax.kernels.blocked_matmul."""
+  assert sampler.weight_layout == "blocks"
   d, h, hd = model.language_model.layers[0].self_attn.q_proj.kernel.shape
-  assert out_in._params["language_model"]["layers"][0]["self_attn"]["q_proj"][
-      "kernel"].shape == (h, hd, d)
-  np.testing.assert_array_equal(run(out_in, prompt, temperature=0.0).tokens, greedy.tokens)
-  ours, theirs = run(out_in, prompt, key=3, **SAMPLING), run(sampler, prompt, key=3, **SAMPLING)
+  assert sampler._params["language_model"]["layers"][0]["self_attn"]["q_proj"][
+      "kernel"].shape == (-(-h * hd // 32), d, 32)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_weight_layouts_decode_the_same(model, sampler, prompt, special, greedy, layout):
+  """XLA's dots on the model's own kernels ('in_out', the layout off CPU) and on a transposed
+  copy ('out_in') decode the same tokens and log-probs as the column blocks, and
+  update_weights re-lays out new weights."""
+  other = Sampler(model, prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS,
+                  eos_ids=(special["eos"],), pad_id=special["pad"], weight_layout=layout)
+  d, h, hd = model.language_model.layers[0].self_attn.q_proj.kernel.shape
+  assert other._params["language_model"]["layers"][0]["self_attn"]["q_proj"][
+      "kernel"].shape == {"in_out": (d, h, hd), "out_in": (h, hd, d)}[layout]
+  np.testing.assert_array_equal(run(other, prompt, temperature=0.0).tokens, greedy.tokens)
+  ours, theirs = run(other, prompt, key=3, **SAMPLING), run(sampler, prompt, key=3, **SAMPLING)
   np.testing.assert_array_equal(ours.tokens, theirs.tokens)
   np.testing.assert_allclose(ours.policy_logprobs, theirs.policy_logprobs, atol=1e-5)
   negated = nnx.clone(model)
   negated.lm_head.set_value(-model.lm_head[...])
-  out_in.update_weights(negated)
-  flipped = run(out_in, prompt, temperature=0.0)
+  for s in (other, sampler):
+    s.update_weights(negated)
+  flipped = run(other, prompt, temperature=0.0)
   assert (flipped.tokens != greedy.tokens).any()
-  out_in.update_weights(nnx.state(model))  # a state, as the RFT trainer passes
-  np.testing.assert_array_equal(run(out_in, prompt, temperature=0.0).tokens, greedy.tokens)
+  np.testing.assert_array_equal(run(sampler, prompt, temperature=0.0).tokens, flipped.tokens)
+  for s in (other, sampler):
+    s.update_weights(nnx.state(model))  # a state, as the RFT trainer passes
+  np.testing.assert_array_equal(run(other, prompt, temperature=0.0).tokens, greedy.tokens)
+  np.testing.assert_array_equal(run(sampler, prompt, temperature=0.0).tokens, greedy.tokens)
   assert model.language_model.layers[0].self_attn.q_proj.kernel.shape == (d, h, hd)
+
+
+def test_blocks_layout_needs_one_float32_cpu_device(model, special):
+  kw = dict(prompt_buckets=BUCKETS, max_new_tokens=NEW_TOKENS, eos_ids=(special["eos"],),
+            pad_id=special["pad"], weight_layout="blocks")
+  mesh = sharding.make_mesh({"data": -1})
+  with pytest.raises(ValueError, match="runs on one device; the mesh has 8"):
+    Sampler(sharding.shard_model(nnx.clone(model), mesh, "data"), mesh=mesh, rules="data", **kw)
+  half = nnx.clone(model)
+  half.language_model.dtype = jax.numpy.bfloat16
+  with pytest.raises(ValueError, match="computes in float32; the model computes in bfloat16"):
+    Sampler(half, **kw)
+  with pytest.raises(ValueError, match="weight_layout must be 'auto' or one of"):
+    Sampler(model, **(kw | dict(weight_layout="columns")))
 
 
 def test_cache_rooms_grow_by_even_steps():
@@ -350,12 +378,18 @@ def test_greedy_picks_first_maximum_outside_suppressed_ids():
 
 def test_default_weight_layout():
   intel, amd = "GenuineIntel", "AuthenticAMD"
-  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES + 1, avx512=True, vendor=intel) == "out_in"
-  assert default_weight_layout("cpu", OUT_IN_MIN_BYTES, avx512=True, vendor=intel) == "in_out"
-  assert default_weight_layout("cpu", 10 * OUT_IN_MIN_BYTES, avx512=False, vendor=intel) == "in_out"
-  assert default_weight_layout("cpu", 10 * OUT_IN_MIN_BYTES, avx512=True, vendor=amd) == "in_out"
-  assert default_weight_layout("tpu", 10 * OUT_IN_MIN_BYTES, avx512=True, vendor=intel) == "in_out"
-  assert default_weight_layout("gpu", 10 * OUT_IN_MIN_BYTES) == "in_out"
+  big, small = 10 * OUT_IN_MIN_BYTES, OUT_IN_MIN_BYTES
+  blocks = dict(float32=True, one_device=True, blocks=True)
+  assert default_weight_layout("cpu", small, **blocks) == "blocks"
+  assert default_weight_layout("cpu", big, avx512=True, vendor=intel, **blocks) == "blocks"
+  for fallback in (dict(float32=False), dict(one_device=False), dict(blocks=False)):
+    kw = blocks | fallback
+    assert default_weight_layout("cpu", small + 1, avx512=True, vendor=intel, **kw) == "out_in"
+    assert default_weight_layout("cpu", small, avx512=True, vendor=intel, **kw) == "in_out"
+    assert default_weight_layout("cpu", big, avx512=False, vendor=intel, **kw) == "in_out"
+    assert default_weight_layout("cpu", big, avx512=True, vendor=amd, **kw) == "in_out"
+  assert default_weight_layout("tpu", big, avx512=True, vendor=intel, **blocks) == "in_out"
+  assert default_weight_layout("gpu", big, **blocks) == "in_out"
 
 
 def test_default_compiler_options_per_program():

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cpt_jax.kernels import blocked_matmul
+
 INIT_STDDEV = 0.02  # initializer_range of the reference configs
 
 
@@ -48,31 +50,41 @@ def param(keys: Keys | None, shape: Sequence[int], names: Sequence[str | None], 
   return nnx.Param(value, out_sharding=tuple(names), init=init)
 
 
+KERNEL_LAYOUTS = ("in_out", "out_in", "blocks")
+
+
 class Linear(nnx.Module):
   """y = x . W (+ b), W [*in_shape, *out_shape]: multi-axis in/out keeps heads explicit.
 
-  `out_in` modules (`store_kernels_out_in`) hold W as [*out_shape, *in_shape] instead.
+  `kernel_layout` (`store_kernels`): 'in_out' holds W as above; 'out_in' as [*out_shape,
+  *in_shape]; 'blocks' as the float32 column blocks of W [prod(in_shape), prod(out_shape)]
+  (`cpt_jax.kernels.blocked_matmul`, CPU only).
   """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Sequence[str | None],
                *, bias: bool, dtype, param_dtype, keys: Keys):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     self.n_in = len(in_shape)
+    self.out_shape = out_shape
     self.dtype = dtype
-    self.out_in = False
+    self.kernel_layout = "in_out"
     self.kernel = param(keys, in_shape + out_shape, names, init="normal", dtype=param_dtype)
     self.bias = (param(keys, out_shape, names[self.n_in:], init="zeros", dtype=param_dtype)
                  if bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
-    if self.out_in:
-      n_out = kernel.ndim - self.n_in
-      y = dot_out_in(x.reshape(*x.shape[:x.ndim - self.n_in], -1),
-                     kernel.reshape(math.prod(kernel.shape[:n_out]), -1))
-      y = y.reshape(*y.shape[:-1], *kernel.shape[:n_out])
+    rows = x.reshape(*x.shape[:x.ndim - self.n_in], -1)
+    if self.kernel_layout == "blocks":
+      y = blocked_matmul.blocked_matmul(rows, self.kernel[...],
+                                        widths=(math.prod(self.out_shape),))
+      y = y.astype(self.dtype).reshape(*rows.shape[:-1], *self.out_shape)
+    elif self.kernel_layout == "out_in":
+      kernel = self.kernel[...].astype(self.dtype)
+      y = dot_out_in(rows, kernel.reshape(math.prod(self.out_shape), -1))
+      y = y.reshape(*y.shape[:-1], *self.out_shape)
     else:
+      kernel = self.kernel[...].astype(self.dtype)
       contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
       y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
     if self.bias is not None:
@@ -88,21 +100,33 @@ def dot_out_in(x: jax.Array, kernel: jax.Array, **kw) -> jax.Array:
   return y.reshape(*x.shape[:-1], kernel.shape[0])
 
 
-def store_kernels_out_in(module: nnx.Module) -> None:
-  """Stores every Linear kernel under `module` as [*out_shape, *in_shape], in place.
+def store_kernels(module: nnx.Module, layout: str) -> None:
+  """Stores every 'in_out' Linear kernel under `module` in `layout` (KERNEL_LAYOUTS), in place.
 
-  The function the modules compute is unchanged; their dots then read each weight row by row,
-  which XLA:CPU's few-row matmuls (decoding) run faster when the weights stream from memory
-  (cpt_jax.rl.sampler). Sharding names are permuted with the axes.
+  The function the modules compute is unchanged; only decoding reads them faster
+  (cpt_jax.rl.sampler): 'out_in' dots read each weight row by row, which XLA:CPU's few-row
+  matmuls run faster when the weights stream from memory; 'blocks' (float32 modules only) run
+  on the CPU kernel of `cpt_jax.kernels.blocked_matmul`. Sharding names are permuted with the
+  axes for 'out_in'; blocks are unsharded.
   """
+  if layout not in KERNEL_LAYOUTS:
+    raise ValueError(f"kernel layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
   for _, m in nnx.iter_modules(module):
-    if isinstance(m, Linear) and not m.out_in:
+    if not isinstance(m, Linear) or m.kernel_layout != "in_out" or layout == "in_out":
+      continue
+    if layout == "blocks":
+      if jnp.dtype(m.dtype) != jnp.float32:
+        raise ValueError(f"kernel layout 'blocks' computes in float32; a Linear computes in "
+                         f"{jnp.dtype(m.dtype)}")
+      kernel = m.kernel[...].reshape(math.prod(m.kernel.shape[:m.n_in]), -1)
+      m.kernel = m.kernel.replace(blocked_matmul.to_blocks(kernel), out_sharding=None)
+    else:
       order = tuple(range(m.n_in, m.kernel.ndim)) + tuple(range(m.n_in))
       names = m.kernel.get_metadata().get("out_sharding")
       m.kernel = m.kernel.replace(
           jnp.transpose(m.kernel[...], order),
           out_sharding=None if names is None else tuple(names[i] for i in order))
-      m.out_in = True
+    m.kernel_layout = layout
 
 
 class RMSNorm(nnx.Module):
@@ -182,11 +206,18 @@ class GatedMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.down_proj.dtype
-    if self.gate_proj.out_in:  # store_kernels_out_in: gate and up as one [2F, D] kernel
-      kernel = jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]])  # [2F, D]
-      y = dot_out_in(x.astype(dtype), kernel.astype(dtype))
+    layout = self.gate_proj.kernel_layout
+    if layout != "in_out":  # store_kernels: gate and up as one matmul
+      gate_up = (self.gate_proj, self.up_proj)
+      if layout == "blocks":
+        y = blocked_matmul.blocked_matmul(x, *(p.kernel[...] for p in gate_up),
+                                          widths=(self.gate_proj.out_shape[0],) * 2)
+      else:
+        kernel = jnp.concatenate([p.kernel[...] for p in gate_up])  # [2F, D]
+        y = dot_out_in(x.astype(dtype), kernel.astype(dtype))
+      y = y.astype(dtype)
       if self.gate_proj.bias is not None:
-        y = y + jnp.concatenate([self.gate_proj.bias[...], self.up_proj.bias[...]]).astype(dtype)
+        y = y + jnp.concatenate([p.bias[...] for p in gate_up]).astype(dtype)
       gate, up = jnp.split(y, 2, axis=-1)
       return self.down_proj(activation(self.act)(gate) * up)
     kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpt_jax.kernels import blocked_matmul
 from cpt_jax.models.qwen2_5_vl import layers, rope, text, vision
 from cpt_jax.models.qwen2_5_vl.config import ModelConfig
 from cpt_jax.models.qwen2_5_vl.text import KVCache
@@ -89,7 +90,7 @@ class Qwen2_5_VL(nnx.Module):
     self.lm_head = (None if config.tie_word_embeddings else
                     layers.param(keys, (config.text.hidden_size, config.text.vocab_size),
                                  ("embed", "vocab"), init="normal", dtype=param_dtype))
-    self.out_in = False  # kernels stored [out, in]: with_kernels_out_in
+    self.kernel_layout = "in_out"  # with_kernel_layout
 
   # ---------------------------------------------------------------- pieces
 
@@ -144,29 +145,44 @@ class Qwen2_5_VL(nnx.Module):
 
   def head_kernel(self) -> jax.Array:
     """The LM head [D, V] (the embedding table's transpose when the two are tied)."""
+    if self.kernel_layout == "blocks":
+      raise ValueError("head_kernel: this is a decoding copy with kernels in column blocks "
+                       "(with_kernel_layout('blocks')); use the model it was made from")
     if self.lm_head is None:
       return self.language_model.embed_tokens[...].T
-    return self.lm_head[...].T if self.out_in else self.lm_head[...]
+    return self.lm_head[...].T if self.kernel_layout == "out_in" else self.lm_head[...]
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., D] -> float32 logits [..., V]."""
-    if self.out_in:
+    if self.kernel_layout == "blocks":
+      return blocked_matmul.blocked_matmul(hidden, self.lm_head[...],
+                                           widths=(self.config.text.vocab_size,))
+    if self.kernel_layout == "out_in":
       kernel = self.language_model.embed_tokens if self.lm_head is None else self.lm_head
       return layers.dot_out_in(hidden, kernel[...].astype(hidden.dtype),
                                preferred_element_type=jnp.float32)
     kernel = self.head_kernel().astype(hidden.dtype)
     return jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
 
-  def with_kernels_out_in(self) -> Qwen2_5_VL:
-    """A copy computing the same function with every dense kernel stored [out, in] and the LM
-    head [V, D] (`layers.store_kernels_out_in`); this model is untouched and the arrays not
-    transposed are shared. For decoding on CPU (cpt_jax.rl.sampler); not for training."""
+  def with_kernel_layout(self, layout: str) -> Qwen2_5_VL:
+    """A copy computing the same function with every dense kernel and the LM head stored in
+    `layout` (`layers.KERNEL_LAYOUTS`, `layers.store_kernels`): 'out_in' holds the head as
+    [V, D]; 'blocks' (a float32 model, CPU only) holds it, tied or not, as the column blocks of
+    [D, V]. This model is untouched and the arrays not rewritten are shared. For decoding
+    (cpt_jax.rl.sampler); not for training or saving."""
+    if self.kernel_layout != "in_out":
+      raise ValueError(f"with_kernel_layout: this model's kernels are already "
+                       f"{self.kernel_layout!r}; start from the model they were made from")
     copy = nnx.merge(*nnx.split(self))
-    if not copy.out_in:
-      layers.store_kernels_out_in(copy)
-      if copy.lm_head is not None:
-        copy.lm_head = copy.lm_head.replace(copy.lm_head[...].T, out_sharding=("vocab", "embed"))
-      copy.out_in = True
+    if layout == "in_out":
+      return copy
+    layers.store_kernels(copy, layout)
+    if layout == "blocks":
+      head = self.head_kernel()
+      copy.lm_head = nnx.data(nnx.Param(blocked_matmul.to_blocks(head)))
+    elif copy.lm_head is not None:
+      copy.lm_head = copy.lm_head.replace(copy.lm_head[...].T, out_sharding=("vocab", "embed"))
+    copy.kernel_layout = layout
     return copy
 
   # ---------------------------------------------------------------- full forward

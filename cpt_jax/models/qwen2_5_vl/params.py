@@ -504,9 +504,10 @@ def save_pretrained(model: Qwen2_5_VL, path: str | os.PathLike, *, dtype=None,
   when none is copied. Tensors are gathered one at a time; in a multi-process run every
   process must call this (gathers are collectives) and process 0 writes.
   """
-  if model.out_in:
-    raise ValueError("save_pretrained: this is a decoding copy with kernels stored [out, in] "
-                     "(with_kernels_out_in); save the model it was made from")
+  if model.kernel_layout != "in_out":
+    raise ValueError(f"save_pretrained: this is a decoding copy with kernels stored "
+                     f"{model.kernel_layout!r} (with_kernel_layout); save the model it was made "
+                     f"from")
   path = os.fspath(path)
   config = model.config
   targets = []

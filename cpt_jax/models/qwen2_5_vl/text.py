@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpt_jax import sharding
+from cpt_jax.kernels import blocked_matmul
 from cpt_jax.models.qwen2_5_vl import layers, rope
 from cpt_jax.models.qwen2_5_vl.config import TextConfig
 
@@ -106,17 +107,25 @@ class Attention(nnx.Module):
     self.causal_blocks = causal_blocks
 
   def qkv(self, x):
-    """q [B, S, H, hd], k and v [B, S, K, hd] from one dot: each KV head's query group, key
+    """q [B, S, H, hd], k and v [B, S, K, hd] from one matmul: each KV head's query group, key
     and value side by side ([D, K, G + 2, hd], G = H / K), the layout tensor parallelism splits
-    (out_in kernels: [K, G + 2, hd, D])."""
+    (out_in kernels: [K, G + 2, hd, D]; blocks: q, k and v side by side)."""
     proj = (self.q_proj, self.k_proj, self.v_proj)
-    out_in = self.q_proj.out_in
-    h, hd = self.q_proj.kernel.shape[:2] if out_in else self.q_proj.kernel.shape[1:]
-    kv_heads = self.k_proj.kernel.shape[0 if out_in else 1]
+    layout = self.q_proj.kernel_layout
+    h, hd = self.q_proj.out_shape
+    kv_heads = self.k_proj.out_shape[0]
     dtype = self.q_proj.dtype
     x = x.astype(dtype)
+    b, s = x.shape[:2]
+    if layout == "blocks":
+      y = blocked_matmul.blocked_matmul(
+          x, *(p.kernel[...] for p in proj), widths=(h * hd, kv_heads * hd, kv_heads * hd))
+      y = y + jnp.concatenate([p.bias[...].reshape(-1) for p in proj]).astype(dtype)
+      q, k, v = jnp.split(y, (h * hd, (h + kv_heads) * hd), axis=-1)
+      return (q.reshape(b, s, h, hd), k.reshape(b, s, kv_heads, hd),
+              v.reshape(b, s, kv_heads, hd))
     bias = jnp.concatenate([p.bias[...].reshape(kv_heads, -1, hd) for p in proj], axis=1)
-    if out_in:
+    if layout == "out_in":
       kernel = jnp.concatenate([p.kernel[...].reshape(kv_heads, -1, hd, x.shape[-1])
                                 for p in proj], axis=1)
       y = layers.dot_out_in(x, kernel.reshape(-1, x.shape[-1]).astype(dtype))
@@ -127,7 +136,6 @@ class Attention(nnx.Module):
       y = jax.lax.dot_general(x, kernel.astype(dtype), (((2,), (0,)), ((), ())))
     y = y + bias.astype(dtype)  # [B, S, K, G + 2, hd]
     g = h // kv_heads
-    b, s = x.shape[:2]
     return y[:, :, :, :g].reshape(b, s, h, hd), y[:, :, :, g], y[:, :, :, g + 1]
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None, prefix=None):

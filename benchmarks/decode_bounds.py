@@ -9,16 +9,19 @@ One job, on the rollout workload of `sampler.py` (`shapes.py`: 8 rows, float32, 
   size of the model's weights, from memory for far larger ones.
 - `weight_matmuls`: every weight matmul of a step with 8 rows alone, then all of them chained
   as a step runs them (decode program's XLA options, `sampler.default_compiler_options`), with
-  the weights' read rate and the time the step's FLOPs take at the matmul peak (`peak.py`).
+  the weights' read rate and the time the step's FLOPs take at the matmul peak (`peak.py`); and
+  the chain on the column-block kernel of `cpt_jax.kernels.blocked_matmul`.
 - `attention_us_per_step`: every layer's decode attention over the cache.
 - `op_us`: one tiny op (an [8, 32] x [32, 32] dot) in the loop, the cost of an op's dispatch.
-- `sampler_decode_step_ms`: the sampler's own step (a greedy call minus its prefill).
+- `sampler_decode_step_ms`: the sampler's own step (a greedy call minus its prefill), with
+  XLA's dots ('in_out') and with the column-block kernel ('blocks', the CPU default).
 
 Usage:
   python benchmarks/decode_bounds.py --sizes=small --out=/tmp/decode_bounds.json
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -35,6 +38,7 @@ import numpy as np
 
 import peak
 import shapes
+from cpt_jax.kernels import blocked_matmul
 from cpt_jax.models import init_from_config
 from cpt_jax.models.qwen2_5_vl import layers
 from cpt_jax.rl.sampler import Sampler, default_compiler_options
@@ -112,19 +116,26 @@ def bench_size(size: str, peak_gflops: float, rounds: int) -> dict:
     reps = -(-x.shape[1] // y.shape[1])
     return x + 1e-6 * jnp.tile(y, (1, reps))[:, :x.shape[1]]
 
-  def chain(x, *ws):
+  widths = [o for _, o in layer_shapes] * t.num_layers + [head[1]]
+
+  def chain(x, *ws, matmul=lambda x, w, width: x @ w):
     h = x
     for i in range(t.num_layers):
-      qkv, o, gate_up, down = ws[4 * i:4 * i + 4]
-      h = h + (h @ qkv)[:, :o.shape[0]] @ o
-      g = h @ gate_up
-      h = h + (g[:, :t.intermediate_size] * g[:, t.intermediate_size:]) @ down
-    return h + 1e-6 * (h @ ws[-1])[:, :h.shape[1]]
+      qkv, o, gate_up, down = zip(ws[4 * i:4 * i + 4], widths[4 * i:4 * i + 4])
+      h = h + matmul(matmul(h, *qkv)[:, :t.hidden_size], *o)
+      g = matmul(h, *gate_up)
+      h = h + matmul(g[:, :t.intermediate_size] * g[:, t.intermediate_size:], *down)
+    return h + 1e-6 * matmul(h, ws[-1], widths[-1])[:, :h.shape[1]]
+
+  def blocked(x, w, width):
+    return blocked_matmul.blocked_matmul(x, w, widths=(width,))
 
   rows = lambda width: jnp.ones((ROWS, width), jnp.float32)
   singles = {f"{i}x{o}": _loop(project, options, rows(i), weight((i, o)))
              for i, o in [*layer_shapes, head]}
-  loops = dict(singles, chain=_loop(chain, options, rows(t.hidden_size), *kernels))
+  loops = dict(singles, chain=_loop(chain, options, rows(t.hidden_size), *kernels),
+               chain_blocks=_loop(functools.partial(chain, matmul=blocked), options,
+                                  rows(t.hidden_size), *map(blocked_matmul.to_blocks, kernels)))
 
   head_dim = t.hidden_size // t.num_heads
   caches = [(weight((ROWS, t.num_kv_heads, head_dim, CACHE_SLOTS)) * 50,
@@ -156,26 +167,32 @@ def bench_size(size: str, peak_gflops: float, rounds: int) -> dict:
       weight_matmuls=dict(
           alone=matmuls, chained_us_per_step=us["chain"],
           chained_weights_gb_per_s=round(weight_bytes / us["chain"] / 1e3, 1),
+          chained_blocks_us_per_step=us["chain_blocks"],
+          chained_blocks_weights_gb_per_s=round(weight_bytes / us["chain_blocks"] / 1e3, 1),
           flops_per_step=flops, at_peak_us=round(1e6 * flops / (peak_gflops * 1e9), 1)),
       attention_us_per_step=us["attention"],
       op_us=round(us["tiny_dots"] / 4, 2),
       sampler_decode_step_ms=_sampler_step_ms(config))
 
 
-def _sampler_step_ms(config, repeats: int = 9) -> float:
-  """(greedy call - its prefill alone) / decode steps, medians of alternating calls."""
+def _sampler_step_ms(config, repeats: int = 9) -> dict:
+  """{weight_layout: (greedy call - its prefill alone) / decode steps} for XLA's dots on the
+  model's kernels ('in_out') and the column-block kernel ('blocks'), medians of alternating
+  calls."""
   model = init_from_config(config, 0)
   prompts = np.random.default_rng(0).integers(
       1, config.text.vocab_size, (ROWS, shapes.PROMPT_LEN)).astype(np.int32)
   mask = np.ones_like(prompts)
   calls = {}
-  for new in (shapes.NEW_TOKENS, 1):
-    sampler = Sampler(model, max_new_tokens=new, eos_ids=(), pad_id=0,
-                      prompt_buckets=(shapes.PROMPT_LEN,))
-    calls[new] = lambda s=sampler: s(prompts, mask, key=jax.random.key(0), temperature=0.0)
+  for layout in ("in_out", "blocks"):
+    for new in (shapes.NEW_TOKENS, 1):
+      sampler = Sampler(model, max_new_tokens=new, eos_ids=(), pad_id=0,
+                        prompt_buckets=(shapes.PROMPT_LEN,), weight_layout=layout)
+      calls[layout, new] = functools.partial(sampler, prompts, mask, key=jax.random.key(0),
+                                             temperature=0.0)
   seconds = _alternate(calls, repeats)
-  full, prefill = seconds[shapes.NEW_TOKENS], seconds[1]
-  return round(1e3 * (full - prefill) / (shapes.NEW_TOKENS - 1), 3)
+  return {layout: round(1e3 * (seconds[layout, shapes.NEW_TOKENS] - seconds[layout, 1])
+                        / (shapes.NEW_TOKENS - 1), 3) for layout in ("in_out", "blocks")}
 
 
 def main(argv):

@@ -12,12 +12,11 @@ a whole call (prefill + decode steps) at the float32 matmul peak measured in the
 rollouts of the paper's longest response (--long_new_tokens, ours only: the peer harness is
 fixed at 64 new tokens), where attention over the long KV cache weighs more.
 
-Our process has one XLA CPU device per core (--host_devices), and our sampler is timed in two
-layouts: on one device, and data-parallel over all of them (a {'data': n} mesh, weights
-replicated, batch split; `layouts`). XLA:CPU runs a decode step's few-row ops on one core at a
-time, so the second layout keeps every core busy; it pays when each device's weight reads come
-from the cache, and loses when they share the memory bus. The faster layout is the one compared
-with the peers (`layout`); both are recorded.
+Our process has one XLA CPU device per core (--host_devices), and our sampler is timed in three
+layouts: on one device with the column-block matmul kernel (the CPU default,
+`cpt_jax.kernels.blocked_matmul`), on one device with XLA's dots, and data-parallel over all
+devices (a {'data': n} mesh, weights replicated, batch split, XLA's dots; `layouts`). The
+fastest layout is the one compared with the peers (`layout`); all are recorded.
 
   python benchmarks/sampler.py --out=/tmp/sampler.json
   python benchmarks/sampler.py --sizes=small --peers --out=/tmp/sampler.json   # + Tunix, HF
@@ -162,10 +161,13 @@ def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def layouts() -> tuple[str, ...]:
-  """'one_device' (the first CPU device), and 'data_parallel' (the batch split over every
-  device, the weights replicated) when there are several and they divide the batch."""
+  """'one_device' (the first CPU device; the column-block kernel where it builds, the CPU
+  default), 'one_device_xla_dots' (the same on XLA's dots: weight_layout 'in_out'), and
+  'data_parallel' (the batch split over every device, the weights replicated, XLA's dots)
+  when there are several and they divide the batch."""
   count = jax.device_count()
-  return ("one_device",) + (("data_parallel",) if count > 1 and BATCH % count == 0 else ())
+  return ("one_device", "one_device_xla_dots") + (
+      ("data_parallel",) if count > 1 and BATCH % count == 0 else ())
 
 
 def _placed(config: ModelConfig, layout: str) -> tuple[nnx.Module, dict]:
@@ -173,6 +175,8 @@ def _placed(config: ModelConfig, layout: str) -> tuple[nnx.Module, dict]:
   model = init_from_config(config, 0)
   if layout == "one_device":
     return model, {}
+  if layout == "one_device_xla_dots":
+    return model, dict(weight_layout="in_out")
   mesh = sharding.make_mesh({"data": -1})
   return sharding.shard_model(model, mesh, "data"), dict(mesh=mesh, rules="data")
 

@@ -406,6 +406,9 @@ class Sampler:
     self._source_graphdef, source = nnx.split(model)
     self._source_structure = jax.tree.structure(source)
     self._graphdef, self._params = nnx.split(self._decoding_model(model))
+    # New weights' decoding copy, made by one program rather than op by op.
+    self._relayout = jax.jit(lambda state: nnx.state(
+        self._decoding_model(nnx.merge(self._source_graphdef, state))))
     # {program: options}: what each program compiled with.
     self.compiler_options = {
         program: (default_compiler_options(platform, program) if compiler_options is None
@@ -426,7 +429,7 @@ class Sampler:
     if jax.tree.structure(state) != self._source_structure:
       raise ValueError("update_weights: the new state's structure differs from the model's")
     if self.weight_layout != "in_out":
-      state = nnx.state(self._decoding_model(nnx.merge(self._source_graphdef, state)))
+      state = self._relayout(state)
     self._params = state
 
   def _decoding_model(self, model: nnx.Module) -> nnx.Module:

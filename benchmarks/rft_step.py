@@ -51,6 +51,9 @@ _LAYOUT = flags.DEFINE_enum(
     "layout", "one_device", ["one_device", "data_parallel"],
     "data_parallel: one XLA CPU device per core, the batch split over them, weights replicated "
     "(what the README recommends for rollouts of small models on a CPU host).")
+_WEIGHT_LAYOUT = flags.DEFINE_enum(
+    "weight_layout", "auto", ["auto", "in_out", "out_in", "blocks"],
+    "The sampler's weight_layout ('auto': the column-block kernel on one CPU device).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed iterations.")
 _KEEP_HEAP = flags.DEFINE_bool(
     "keep_host_heap", True, "Keep the malloc heap (cpt_jax.host_memory.keep_heap), as the "
@@ -111,7 +114,8 @@ def main(argv) -> None:
   optimizer = optim.make_optimizer(optim_config, params, total_steps=1000)
   # No EOS id is ever sampled-and-stopped on: every response has exactly new_tokens tokens.
   sampler = Sampler(model, max_new_tokens=_NEW.value, eos_ids=(), pad_id=0,
-                    prompt_buckets=(_PROMPT_LEN.value,), mesh=mesh, rules=rules)
+                    prompt_buckets=(_PROMPT_LEN.value,), mesh=mesh, rules=rules,
+                    weight_layout=_WEIGHT_LAYOUT.value)
   state = optim.create_train_state(params, optimizer, jax.random.PRNGKey(0))
   state_sharding = None
   if mesh is not None:
@@ -153,6 +157,7 @@ def main(argv) -> None:
   rows = _PROMPTS.value * _N.value
   result = {
       "benchmark": "rft_step", "size": _SIZE.value, "layout": _LAYOUT.value,
+      "weight_layout": sampler.weight_layout,
       "backend": jax.default_backend(),
       "devices": jax.device_count(), "machine": platform.machine(), "cpus": os.cpu_count(),
       "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),

@@ -3,7 +3,7 @@
 A decode step multiplies a few rows by every weight matrix once. XLA:CPU's dots stream those
 weights at 12-17 GB/s on a 2-core Zen 4 EPYC (small model: 17 matmuls chained, 0.9-1.3 ms per
 step); `blocked_matmul.cc` reads each [K, 32] column block front to back with an 8 x 32
-register tile on both cores, at 0.40-0.44 ms for the same chain (benchmarks/decode_bounds.py).
+register tile on both cores, at 0.39-0.44 ms for the same chain (benchmarks/decode_bounds.py).
 
     blocks = to_blocks(kernel)                    # [K, N] -> [ceil(N / 32), K, 32]
     y = blocked_matmul(x, blocks, widths=(N,))    # x [..., K] -> [..., N], float32
@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -33,6 +34,7 @@ BLOCK = 32  # columns per block
 SOURCE = pathlib.Path(__file__).with_name("blocked_matmul.cc")
 TARGET = "cpt_blocked_matmul"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_log = logging.getLogger(__name__)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -81,10 +83,11 @@ def library() -> ctypes.CDLL:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernel builds and loads on this host."""
+  """Whether the kernel builds and loads on this host (if not, says why, once)."""
   try:
     library()
-  except (RuntimeError, OSError):
+  except (RuntimeError, OSError) as e:
+    _log.warning("cpt_jax.kernels.blocked_matmul is unavailable, XLA's dots run instead: %s", e)
     return False
   return True
 

@@ -37,7 +37,8 @@ Weights are a jit argument (graphdef and state are split once), so `update_weigh
 optimiser step reuses the compiled programs. On CPU, a float32 model on one device is run from a
 copy with its kernels in column blocks, multiplied by a hand-written kernel
 (`cpt_jax.kernels.blocked_matmul`; `weight_layout`): on a 2-core Zen 4 EPYC, rollouts of the
-benchmark's small model at 1.4-1.6x and of its 100m model at 1.6x the tokens/s of XLA's dots.
+benchmark's small model at 1.0-2.0x (by the machine's phase) and of its 100m model at 1.6-1.8x
+the tokens/s of XLA's dots.
 """
 from __future__ import annotations
 

@@ -58,10 +58,10 @@ from jax.experimental import multihost_utils
 import cpt_jax
 from cpt_jax import sharding
 from cpt_jax.kernels import blocked_matmul
+from cpt_jax.models.qwen2_5_vl import layers
 from cpt_jax.models.qwen2_5_vl.model import prepare_inputs
 from cpt_jax.models.qwen2_5_vl.text import KVCache
 
-WEIGHT_LAYOUTS = ("in_out", "out_in", "blocks")
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -398,8 +398,8 @@ class Sampler:
           platform, sum(x.nbytes for x in jax.tree.leaves(weights)),
           float32=jnp.dtype(self.cache_dtype) == jnp.float32,
           one_device=mesh is None or mesh.size == 1)
-    if weight_layout not in WEIGHT_LAYOUTS:
-      raise ValueError(f"weight_layout must be 'auto' or one of {WEIGHT_LAYOUTS}, got "
+    if weight_layout not in layers.KERNEL_LAYOUTS:
+      raise ValueError(f"weight_layout must be 'auto' or one of {layers.KERNEL_LAYOUTS}, got "
                        f"{weight_layout!r}")
     if weight_layout == "blocks":
       _check_blocks(platform, mesh, self.cache_dtype)
